@@ -1,0 +1,145 @@
+"""The CIFAR ResNet and its plain twin (He et al. 2015, section 4.2).
+
+A 3x3 conv with 16 filters, then three stages of n basic blocks with 16, 32 and 64 filters (stride 2
+at the first block of stages 2 and 3), global average pooling and a linear classifier: 6n+2 layers
+with weights. The residual block computes ``ReLU(F(x) + shortcut(x))`` with
+``F = conv-BN-ReLU-conv-BN``; the plain block is the same without the shortcut.
+
+Every elementwise op is its own out-of-place module (``ResidualAdd``, separate ``nn.ReLU``s) so
+forward hooks see the true values: F(x) and shortcut(x) before they are summed, BN outputs before
+the ReLU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gradlab.models.registry import register_family
+
+__all__ = ["ResidualAdd", "ShortcutA", "BasicBlock", "CifarResNet"]
+
+PAPER_DEPTHS = (20, 32, 44, 56, 110)
+
+
+class ResidualAdd(nn.Module):
+    """``residual + shortcut``, as a module so hooks see both operands (F(x), shortcut(x)).
+
+    Any user model that routes its residual sum through this module gets gradlab's block metrics.
+    """
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return residual + shortcut
+
+
+class ShortcutA(nn.Module):
+    """Option A: parameter-free shortcut; subsample spatially and zero-pad the new channels."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.extra = planes - in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        # Pad channels at the end: the first in_planes channels carry x, the rest are zero.
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BN; ``residual=False`` gives the plain block of the same shape."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, residual: bool = True,
+                 shortcut: str = "A"):
+        super().__init__()
+        self.residual = residual
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if residual:
+            if stride == 1 and in_planes == planes:
+                self.shortcut: nn.Module = nn.Identity()
+            elif shortcut == "A":
+                self.shortcut = ShortcutA(in_planes, planes, stride)
+            elif shortcut == "B":
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+                )
+            else:
+                raise ValueError(f"shortcut must be 'A' or 'B', not {shortcut!r}")
+            self.add = ResidualAdd()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        if self.residual:
+            out = self.add(out, self.shortcut(x))
+        return self.relu2(out)
+
+
+class CifarResNet(nn.Module):
+    """The 6n+2 CIFAR network; ``residual=False`` gives the paper's plain baseline."""
+
+    def __init__(self, depth: int, *, residual: bool = True, shortcut: str = "A",
+                 num_classes: int = 10, in_channels: int = 3, zero_init_residual: bool = False):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2, got {depth}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' or 'B', not {shortcut!r}")
+        n = (depth - 2) // 6
+        self.depth, self.residual, self.shortcut_type = depth, residual, shortcut
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        planes, layers = 16, []
+        for i, width in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(planes, width, stride, residual=residual,
+                                         shortcut=shortcut))
+                planes = width
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        self._init_weights(zero_init_residual)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d)
+                                        else "fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Goyal et al. 2017: gamma = 0 in each block's last BN makes F(x) = 0 at init, so every
+            # residual block starts as the identity (for plain blocks it zeroes the signal).
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@register_family("resnet", PAPER_DEPTHS, residual=True)
+def resnet(depth: int, **kwargs) -> CifarResNet:
+    """Residual CIFAR network of ``depth`` = 6n+2 layers (option A shortcuts unless ``shortcut="B"``)."""
+    return CifarResNet(depth, residual=True, **kwargs)
+
+
+@register_family("plain", PAPER_DEPTHS, residual=False)
+def plain(depth: int, **kwargs) -> CifarResNet:
+    """Plain CIFAR network: the residual network's layers without shortcuts."""
+    kwargs.pop("shortcut", None)
+    return CifarResNet(depth, residual=False, **kwargs)

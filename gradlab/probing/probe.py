@@ -1,0 +1,318 @@
+"""The ``Probe`` context manager: hooks that measure a model while it trains.
+
+Forward hooks reduce each response to a few numbers on the device as it is computed; tensor hooks
+on the same responses reduce the gradient that reaches them during backward; parameter and
+gradient norms are read in one ``_foreach_norm`` when the step is snapshotted, after backward and
+before the optimizer step. Nothing is copied to the host until :meth:`PendingFrame.to_host`, once
+per logged step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from gradlab.models.cifar_resnet import BasicBlock, ResidualAdd
+from gradlab.probing import metrics as M
+
+__all__ = ["Probe", "PendingFrame"]
+
+
+@dataclass
+class PendingFrame:
+    """One logged step's measurements, still on the device.
+
+    ``values[i]`` belongs to ``layers[i]`` / ``depths[i]`` / ``metrics[i]``.
+    """
+
+    values: torch.Tensor
+    layers: list[str]
+    depths: list[int]
+    metrics: list[str]
+
+    def extend(self, named: dict[str, torch.Tensor | float], layer: str = "",
+               depth: int = -1) -> PendingFrame:
+        """Append model-wide scalars (loss, accuracy, ...) so they travel in the same copy."""
+        if not named:
+            return self
+        dev = self.values.device
+        extra = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(dev).reshape(())
+                             for v in named.values()])
+        return PendingFrame(torch.cat((self.values, extra.to(self.values.dtype))),
+                            self.layers + [layer] * len(named),
+                            self.depths + [depth] * len(named),
+                            self.metrics + list(named))
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        """Copy to the host (the one synchronization of a logged step) as column arrays."""
+        values = self.values.detach().to("cpu", torch.float64).numpy()  # sync: once per step
+        return {
+            "layer": np.asarray(self.layers, dtype=object),
+            "depth": np.asarray(self.depths, dtype=np.int32),
+            "metric": np.asarray(self.metrics, dtype=object),
+            "value": values,
+        }
+
+    def to_frame(self) -> pd.DataFrame:
+        """The long table ``layer, depth, metric, value`` (copies to the host)."""
+        return pd.DataFrame(self.to_host())
+
+
+def _exact_bn(module: nn.Module) -> bool:
+    # Only the stock BatchNorm classes update running_var by the formula bn_batch_var inverts.
+    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and \
+        module.track_running_stats
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _direct_params(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters(recurse=False))
+
+
+class Probe:
+    """Attach gradlab's measurements to any ``nn.Module``.
+
+    Layer metrics (``grad_norm``, ``weight_norm``) apply to every module with parameters of its
+    own; ``response_std`` / ``response_grad_norm`` to every BatchNorm and the last ``nn.Linear``;
+    block metrics to gradlab's :class:`BasicBlock` and to the parent of any :class:`ResidualAdd`.
+
+    Usage::
+
+        with Probe(model) as probe:
+            loss = criterion(model(x), y)
+            loss.backward()
+            frame = probe.collect()          # before optimizer.step()
+
+    Hooks record only while :attr:`enabled` is true and autograd is on (evaluation passes under
+    ``torch.no_grad()`` are ignored); a training loop flips :attr:`enabled` on logged steps only.
+    Every handle is owned by the probe and removed on exit, also after an exception.
+    """
+
+    def __init__(self, model: nn.Module, *, enabled: bool = True):
+        self.model = model
+        self.enabled = enabled
+        self._handles: list = []
+        self._order_handles: list = []
+        self._store: dict[tuple[str, str], torch.Tensor] = {}
+        # Transient per-forward state, Python ints and tiny tensors only: BN running variance
+        # before its forward (C floats), per-sample shortcut norms awaiting the block's hook.
+        self._bn_before: dict[str, torch.Tensor] = {}
+        self._shortcut_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # Reusable buffers for h - x (one per activation shape); not activations themselves.
+        self._scratch: dict[tuple, torch.Tensor] = {}
+        named = list(model.named_modules())
+        self._param_modules = [(n, m) for n, m in named if _direct_params(m)]
+        linears = [n for n, m in named if isinstance(m, nn.Linear)]
+        final_linear = linears[-1] if linears else None
+        self._response_modules = [(n, m) for n, m in named
+                                  if isinstance(m, _BatchNorm) or n == final_linear]
+        adds = [(n, m) for n, m in named if isinstance(m, ResidualAdd)]
+        add_parent = {n.rpartition(".")[0]: n for n, _ in adds}
+        self._blocks = [(n, m) for n, m in named
+                        if isinstance(m, BasicBlock) or (n in add_parent and n)]
+        self._adds = [(n.rpartition(".")[0], m) for n, m in adds]
+        self._order: list[str] | None = None
+        self._depth: dict[str, int] = {}
+        self._owner: torch.Tensor | None = None
+
+    # -- context management -------------------------------------------------------------------
+    def __enter__(self) -> Probe:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def attach(self) -> None:
+        """Register every hook (idempotent: a probe attaches once)."""
+        if self._handles:
+            return
+        try:
+            for name, mod in self._response_modules:
+                if _exact_bn(mod):
+                    self._handles.append(mod.register_forward_pre_hook(self._bn_pre_hook(name)))
+                self._handles.append(mod.register_forward_hook(self._response_hook(name)))
+            for block, mod in self._adds:
+                self._handles.append(mod.register_forward_hook(self._add_hook(block)))
+            for name, mod in self._blocks:
+                self._handles.append(mod.register_forward_hook(self._block_hook(name)))
+            if not self._depth:
+                self._order = []
+                measured = {n: m for n, m in (self._param_modules + self._response_modules
+                                              + self._blocks)}
+                for name, mod in measured.items():
+                    self._order_handles.append(
+                        mod.register_forward_pre_hook(self._order_hook(name)))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Remove every hook this probe registered and drop pending values."""
+        self._remove_order_hooks()
+        while self._handles:
+            self._handles.pop().remove()
+        self._store.clear()
+        self._bn_before.clear()
+        self._shortcut_norms.clear()
+        self._scratch.clear()
+
+    def _remove_order_hooks(self) -> None:
+        while self._order_handles:
+            self._order_handles.pop().remove()
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _recording(self) -> bool:
+        return self.enabled and torch.is_grad_enabled()
+
+    def _order_hook(self, name: str):
+        def hook(module, args):
+            if name not in self._order:
+                self._order.append(name)
+        return hook
+
+    def _bn_pre_hook(self, name: str):
+        def hook(module, args):
+            if self._recording() and module.training and module.running_var is not None:
+                self._bn_before[name] = module.running_var.detach().clone()
+            return None
+        return hook
+
+    def _response_hook(self, name: str):
+        store = self._store
+
+        def hook(module, args, out):
+            if not self._recording() or not isinstance(out, torch.Tensor):
+                return None
+            before = self._bn_before.pop(name, None)
+            var = None
+            if before is not None and module.training:
+                count = out.numel() // out.shape[1]
+                var = M.bn_batch_var(module, before, count)
+            if var is not None:
+                store[(name, "response_std")] = M.bn_response_std(module, var, count)
+            else:
+                store[(name, "response_std")] = M.response_std(out.detach())
+            if out.requires_grad:
+                def grad_hook(g):
+                    store[(name, "response_grad_norm")] = M.grad_norm(g.detach())
+                out.register_hook(grad_hook)
+            return None
+        return hook
+
+    def _add_hook(self, block: str):
+        store = self._store
+
+        def hook(module, args, out):
+            if not self._recording() or len(args) != 2:
+                return None
+            f, s = args
+            ns = M.sample_norms(s.detach())
+            # The block's hook reuses these norms when its input is this very tensor (identity
+            # shortcut): matched by storage address, shape and strides, plain Python ints.
+            self._shortcut_norms[block] = (_tensor_key(s), ns)
+            store[(block, "residual_stats")] = M.residual_stats(f.detach(), s.detach(),
+                                                                out.detach(), ns)
+            return None
+        return hook
+
+    def _block_hook(self, name: str):
+        store = self._store
+
+        def hook(module, args, out):
+            if not self._recording() or not args or not isinstance(out, torch.Tensor):
+                return None
+            x = args[0]
+            cached = self._shortcut_norms.pop(name, None)
+            if isinstance(x, torch.Tensor) and x.shape == out.shape:
+                x_norms = cached[1] if cached and cached[0] == _tensor_key(x) else None
+                store[(name, "identity_gap")] = M.identity_gap(
+                    x.detach(), out.detach(), x_norms=x_norms, scratch=self._scratch_like(out))
+            return None
+        return hook
+
+    def _scratch_like(self, t: torch.Tensor) -> torch.Tensor:
+        key = (tuple(t.shape), t.stride(), t.dtype, t.device)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                           device=t.device)
+        return buf
+
+    # -- results ------------------------------------------------------------------------------
+    def _freeze_depths(self) -> None:
+        if self._depth:
+            return
+        # The first pass has shown the forward order; the order hooks have done their job.
+        self._remove_order_hooks()
+        order = list(self._order or [])
+        seen = set(order)
+        for name, _ in self._param_modules + self._response_modules + self._blocks:
+            if name not in seen:  # never called: after everything that was, in definition order
+                order.append(name)
+                seen.add(name)
+        self._depth = {n: i for i, n in enumerate(order)}
+
+    def depth(self, name: str) -> int:
+        """Position of module ``name`` in forward order (known after the first probed pass)."""
+        self._freeze_depths()
+        return self._depth[name]
+
+    def snapshot(self, *, grad_scale: float | torch.Tensor | None = None) -> PendingFrame:
+        """Gather this step's measurements on the device and reset them for the next step.
+
+        Call after ``backward()`` and before ``optimizer.step()``. ``grad_scale`` divides gradient
+        metrics when the loss was scaled (fp16 ``GradScaler``); bf16 needs none.
+        """
+        self._freeze_depths()
+        layers: list[str] = []
+        metrics: list[str] = []
+        parts: list[torch.Tensor] = []
+        if self._param_modules:
+            params = [p for _, m in self._param_modules for p in _direct_params(m)]
+            device = params[0].device
+            if self._owner is None or self._owner.device != device:
+                owner = [i for i, (_, m) in enumerate(self._param_modules)
+                         for _ in _direct_params(m)]
+                self._owner = torch.tensor(owner, device=device)
+            n = len(self._param_modules)
+            with torch.no_grad():
+                g = M.module_norms([p.grad for p in params], self._owner, n)
+                if grad_scale is not None:
+                    g = g / grad_scale
+                w = M.module_norms([p.detach() for p in params], self._owner, n)
+            names = [name for name, _ in self._param_modules]
+            parts += [g.float(), w.float()]
+            layers += names + names
+            metrics += ["grad_norm"] * n + ["weight_norm"] * n
+        scalars: list[torch.Tensor] = []
+        for (name, kind), value in self._store.items():
+            if kind == "residual_stats":
+                scalars += [value[0], value[1]]
+                layers += [name, name]
+                metrics += ["residual_ratio", "residual_cosine"]
+            else:
+                if kind == "response_grad_norm" and grad_scale is not None:
+                    value = value / grad_scale
+                scalars.append(value)
+                layers.append(name)
+                metrics.append(kind)
+        self._store.clear()
+        if scalars:
+            device = scalars[0].device
+            parts = [p.to(device) for p in parts] + [torch.stack(scalars).float()]
+        values = torch.cat(parts) if parts else torch.zeros(0)
+        depths = [self._depth[n] for n in layers]
+        return PendingFrame(values, layers, depths, metrics)
+
+    def collect(self, *, grad_scale: float | torch.Tensor | None = None) -> pd.DataFrame:
+        """This step's measurements as a DataFrame ``layer, depth, metric, value``."""
+        return self.snapshot(grad_scale=grad_scale).to_frame()

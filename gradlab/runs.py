@@ -1,0 +1,296 @@
+"""Run directories: ``run.json``, Parquet metric parts, and :func:`load_run`.
+
+Layout (schema_version 1)::
+
+    runs/<name>/
+      run.json       config, seed, device, versions, git commit, status, timestamps
+      metrics/       part-000001.parquet, ... each written whole, then renamed into place;
+                     together one long table step, layer, depth, metric, value
+      tb/            TensorBoard event files
+      checkpoints/   last.pt
+
+Parts are written to a hidden temporary name (``.part-*.tmp``, which pyarrow's dataset reader
+skips) and renamed, so a reader, or a run killed at any moment, only ever sees whole parts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["SCHEMA_VERSION", "METRICS_SCHEMA", "RunError", "Run", "RunDir", "MetricWriter",
+           "load_run", "is_run_dir", "find_runs"]
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "completed", "failed", "interrupted")
+METRICS_SCHEMA = pa.schema([
+    ("step", pa.int64()),
+    ("layer", pa.string()),
+    ("depth", pa.int32()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+])
+
+
+class RunError(ValueError):
+    """A run directory that cannot be read or written; ``str(e)`` is one line for the CLI."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary file beside ``path``, fsync it, and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    """The gradlab checkout's commit, when gradlab runs from a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a run: gradlab, torch, python and the platform."""
+    import torch
+
+    from gradlab import __version__
+
+    return {"gradlab": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+class MetricWriter:
+    """Buffers long-table rows on the host and writes them as whole Parquet parts."""
+
+    def __init__(self, metrics_dir: Path, *, start_index: int | None = None):
+        self.dir = metrics_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if start_index is None:
+            start_index = max((_part_index(p) for p in self.dir.glob("part-*.parquet")),
+                              default=0) + 1
+        self.index = start_index
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self.rows_buffered = 0
+
+    def add(self, step: int, columns: dict[str, np.ndarray]) -> None:
+        """Queue one logged step's rows (arrays ``layer, depth, metric, value``)."""
+        n = len(columns["value"])
+        if n == 0:
+            return
+        self._chunks.append({"step": np.full(n, step, dtype=np.int64), **columns})
+        self.rows_buffered += n
+
+    def flush(self) -> Path | None:
+        """Write everything buffered as one part; returns its path (None when nothing was)."""
+        if not self._chunks:
+            return None
+        cols = {k: np.concatenate([c[k] for c in self._chunks]) for k in METRICS_SCHEMA.names}
+        table = pa.table({
+            "step": pa.array(cols["step"], pa.int64()),
+            "layer": pa.array(cols["layer"], pa.string()),
+            "depth": pa.array(cols["depth"], pa.int32()),
+            "metric": pa.array(cols["metric"], pa.string()),
+            "value": pa.array(cols["value"], pa.float64()),
+        }, schema=METRICS_SCHEMA)
+        name = f"part-{self.index:06d}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / name)
+        self.index += 1
+        self._chunks.clear()
+        self.rows_buffered = 0
+        return self.dir / name
+
+
+def _part_index(path: Path) -> int:
+    try:
+        return int(path.stem.split("-")[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+@dataclass
+class RunDir:
+    """A run directory being written: creates it, keeps run.json current, owns the writer."""
+
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.path / "metrics"
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.path / "tb"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @classmethod
+    def create(cls, path: Path, info: dict[str, Any], *, force: bool = False) -> RunDir:
+        """Create a new run directory; an existing one is refused unless ``force``."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            if not force:
+                raise RunError(f"run directory {path} already exists; use --resume to continue "
+                               "it or --force to start it again")
+            _clear_run(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for sub in ("metrics", "tb", "checkpoints"):
+                (path / sub).mkdir(exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory {path}: {e.strerror or e}") from None
+        now = _now()
+        full = {"schema_version": SCHEMA_VERSION, "name": path.name, "status": "running",
+                "created": now, "updated": now, "finished": None, **info}
+        run = cls(path, full)
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """Open an existing run directory to continue it (``--resume``)."""
+        info = read_run_json(Path(path))
+        return cls(Path(path), info)
+
+    def save(self, **updates: Any) -> None:
+        """Update fields of run.json and rewrite it atomically."""
+        self.info.update(updates)
+        self.info["updated"] = _now()
+        write_json_atomic(self.path / "run.json", self.info)
+
+    def mark(self, status: str, **extra: Any) -> None:
+        """Set the run's status (running | completed | failed | interrupted)."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        finished = _now() if status != "running" else None
+        self.save(status=status, finished=finished, **extra)
+
+
+def _clear_run(path: Path) -> None:
+    import shutil
+
+    if not (path / "run.json").exists():
+        raise RunError(f"{path} exists and is not a gradlab run directory; refusing to replace it")
+    shutil.rmtree(path)
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """Read and validate ``run.json`` of a run directory."""
+    f = Path(path) / "run.json"
+    if not Path(path).is_dir():
+        raise RunError(f"{path}: no such run directory")
+    if not f.is_file():
+        raise RunError(f"{path}: not a gradlab run directory (no run.json)")
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{f}: unreadable run.json ({e})") from None
+    if not isinstance(info, dict):
+        raise RunError(f"{f}: run.json is not a JSON object")
+    version = info.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RunError(f"{path}: run directory schema_version {version!r}, this gradlab reads "
+                       f"{SCHEMA_VERSION}")
+    return info
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a run directory (has run.json)."""
+    return (Path(path) / "run.json").is_file()
+
+
+def find_runs(paths: Iterable[Path]) -> list[Path]:
+    """Expand paths into run directories: a run itself, or a folder whose children are runs."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if is_run_dir(p):
+            found.append(p)
+        elif p.is_dir():
+            found += sorted(c for c in p.iterdir() if is_run_dir(c))
+    return found
+
+
+def read_metrics(path: Path, *, columns: list[str] | None = None,
+                 metrics: list[str] | None = None) -> pd.DataFrame:
+    """Read a run's metric parts (only ``columns`` / only ``metrics`` when given).
+
+    Reads part by part so a damaged part is named in the error rather than failing the dataset.
+    A row repeated by a resumed run (same step, layer and metric) is kept once, the latest.
+    """
+    mdir = Path(path) / "metrics"
+    parts = sorted(mdir.glob("part-*.parquet")) if mdir.is_dir() else []
+    cols = columns or METRICS_SCHEMA.names
+    filters = [("metric", "in", list(metrics))] if metrics else None
+    tables = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part, columns=cols, filters=filters))
+        except (OSError, pa.ArrowException) as e:
+            raise RunError(f"{part}: unreadable metrics part ({str(e).splitlines()[0]})") from None
+    if not tables:
+        return pd.DataFrame({c: pd.Series(dtype=METRICS_SCHEMA.field(c).type.to_pandas_dtype())
+                             for c in cols})
+    df = pa.concat_tables(tables).to_pandas()
+    keys = [c for c in ("step", "layer", "metric") if c in df.columns]
+    if len(keys) == 3 and len(tables) > 1:
+        df = df.drop_duplicates(keys, keep="last", ignore_index=True)
+    return df
+
+
+@dataclass
+class Run:
+    """A run read back from disk: ``config`` (dict), ``metrics`` (long DataFrame), ``info``."""
+
+    path: Path
+    info: dict[str, Any]
+    metrics: pd.DataFrame
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.info.get("config", {})
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "unknown")
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", self.path.name)
+
+
+def load_run(path: str | os.PathLike, *, metrics: list[str] | None = None) -> Run:
+    """Load a run directory: ``load_run("runs/resnet56").metrics`` is the long table."""
+    path = Path(path)
+    info = read_run_json(path)
+    return Run(path, info, read_metrics(path, metrics=metrics))
