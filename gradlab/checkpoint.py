@@ -1,0 +1,96 @@
+"""Checkpoints: everything a resumed run needs to continue exactly as if never stopped.
+
+Saved: model and optimizer state, the step, the augmentation generator's state and the global
+torch RNG states, the config, and the names of the metric parts written up to this step (parts
+written after it are repeated by a resumed run, so resume removes them). Written to a temporary
+file and renamed; loaded with ``weights_only=True`` so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gradlab.runs import RunError
+
+__all__ = ["save", "load", "restore", "trim_parts", "FORMAT"]
+
+FORMAT = 1
+
+
+def save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+         step: int, parts: list[str], cfg) -> None:
+    """Atomically write ``path`` with the state after ``step`` optimizer steps."""
+    state = {
+        "format": FORMAT,
+        "step": int(step),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "parts": list(parts),
+        "config": cfg.to_dict(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint safely; a damaged or foreign file is a :class:`RunError`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
+            ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: corrupt or unreadable checkpoint ({first[:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise RunError(f"{path}: not a gradlab checkpoint of format {FORMAT}")
+    return state
+
+
+def restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+            gen: torch.Generator) -> int:
+    """Load ``state`` into the live objects; returns the step to continue from."""
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise RunError(f"checkpoint does not match this run ({str(e).splitlines()[0][:120]})"
+                       ) from None
+    return int(state["step"])
+
+
+def trim_parts(metrics_dir: Path, keep: list[str]) -> list[Path]:
+    """Move aside the parts written after the checkpoint (a resumed run writes them again).
+
+    They go to ``metrics/.superseded/`` rather than being deleted: nothing measured is lost, and
+    readers of ``metrics/`` no longer see the rows twice.
+    """
+    keep_set = set(keep)
+    moved = []
+    for p in sorted(metrics_dir.glob("part-*.parquet")):
+        if p.name not in keep_set:
+            dest = metrics_dir / ".superseded"
+            dest.mkdir(exist_ok=True)
+            target = dest / p.name
+            n = 1
+            while target.exists():
+                target = dest / f"{p.stem}.{n}{p.suffix}"
+                n += 1
+            os.replace(p, target)
+            moved.append(target)
+    return moved

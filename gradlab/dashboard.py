@@ -1,0 +1,792 @@
+"""TensorBoard dashboards for gradlab runs: scalars, layout, depth profiles, hparams, report.
+
+What a run writes (under ``runs/<name>/tb``), and why it is shaped that way:
+
+* **Scalars**, one per layer and metric, tagged ``<metric>/<layer>``
+  (``residual_ratio/layer2.3``, ``grad_norm/layer1.0.conv1``); model-wide scalars are the
+  metric alone (``loss``, ``test_accuracy``, ``lr``, ``images_per_s``). TensorBoard's tag
+  filter is a regex, so ``^residual_ratio/`` selects a metric and ``layer2\\.3`` a block.
+* **A custom-scalars layout** (the *Custom Scalars* tab): a ``model`` category (loss and
+  test_loss in one chart, accuracy and test_accuracy in another, lr, images_per_s), then one
+  category per metric with one multi-line chart per stage: ``stem`` (conv1, bn1), ``stage 1``,
+  ``stage 2``, ``stage 3`` (regex ``^residual_ratio/layer2(\\.|$)``) and ``head`` (fc). A
+  stage holds at most a few dozen lines, few enough to read, and the regexes are the same for
+  every run of a family, so TensorBoard merges the layouts of a suite's runs into one.
+* **Depth profiles**, the network seen along its depth at one step, for residual_ratio,
+  identity_gap, response_std, response_grad_norm and grad_norm, in two forms:
+
+  - an *image* per metric (``<metric>/depth_profile``, the *Images* tab): value against depth
+    (forward order of the modules, stages shaded), with the current step drawn bold over the
+    earlier rendered steps fading in, gradient norms on a log axis, and a dashed line at 1 for
+    residual_ratio (where ``||F(x)|| = ||x||``). This is the picture the papers draw (He et al.
+    2015, Fig. 7), and the step slider scrubs it through training. Images cost ~50 ms each to
+    draw, so a run renders at most ``max_images`` of them per metric (50 by default), spread
+    evenly over the planned steps, plus the final step; drawing happens on a renderer thread of
+    its own, so neither the training thread nor the metric writer waits on matplotlib.
+  - a *histogram* per metric at every logged step (``<metric>/across_layers``; for gradient
+    norms ``log10_<metric>/across_layers``): the distribution of the per-layer values, cheap
+    enough to write at every step. The *Distributions* tab then shows how the spread across
+    layers evolves (e.g. whether most blocks keep residual_ratio below 1). TensorBoard's
+    histograms cannot keep depth order (they bin by value), which is why the ordered profile
+    is an image rather than a histogram with depth smuggled into its x axis.
+* **Hparams** in the run's own log dir (no sub-run): model, family, depth, shortcut, dataset,
+  lr, steps, batch_size and seed when the run starts (so running runs are listed), and the
+  metrics ``final/loss``, ``final/accuracy``, ``final/test_loss``, ``final/test_accuracy`` and
+  ``final/residual_ratio_mean`` (mean over blocks at the last logged step) when it completes.
+  Every run writes the same experiment description, so the *HParams* tab over a suite's runs
+  directory lists all runs side by side, sortable and filterable (family: plain / resnet).
+* **The run's configuration** as a text summary (``run/config``, the *Text* tab).
+
+A suite's report adds its verdict table and figures with :func:`write_report`, and
+:func:`serve` starts TensorBoard in-process on loopback over a runs directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import queue
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Dashboard",
+    "DashboardError",
+    "DashboardServer",
+    "PROFILE_METRICS",
+    "find_logdirs",
+    "launch",
+    "serve",
+    "write_report",
+    "layer_stage",
+]
+
+#: Per-layer metrics drawn as depth profiles (images and histograms across layers).
+PROFILE_METRICS = ("residual_ratio", "identity_gap", "response_std", "response_grad_norm",
+                   "grad_norm")
+#: Profiles drawn on a log axis (and histogrammed as log10): gradients span decades in depth.
+LOG_METRICS = frozenset({"grad_norm", "response_grad_norm"})
+#: Category order in the custom-scalars layout; metrics not listed follow alphabetically.
+_METRIC_ORDER = ("residual_ratio", "residual_cosine", "identity_gap", "response_std",
+                 "response_grad_norm", "grad_norm", "weight_norm")
+#: Model-wide charts: title -> metrics drawn together (train and test on one chart).
+_MODEL_CHARTS = {"loss": ("loss", "test_loss"), "accuracy": ("accuracy", "test_accuracy"),
+                 "lr": ("lr",), "images_per_s": ("images_per_s",)}
+#: Metrics of the hparams table (scalars written at close, tags ``final/<name>``).
+FINAL_METRICS = ("loss", "accuracy", "test_loss", "test_accuracy", "residual_ratio_mean")
+#: Families known to gradlab; the hparams filter shows them as checkboxes.
+FAMILIES = ("plain", "resnet")
+_STAGE_RE = re.compile(r"^layer(\d+)(?:\.|$)")
+_EVENT_GLOB = "events.out.tfevents.*"
+
+
+class DashboardError(ValueError):
+    """A dashboard that cannot be written or served; ``str(e)`` is one line for the CLI."""
+
+
+def layer_stage(layer: str) -> int | None:
+    """The stage K of a module named ``layerK`` or ``layerK.*``; None for stem and head."""
+    m = _STAGE_RE.match(layer)
+    return int(m.group(1)) if m else None
+
+
+# -- protos ---------------------------------------------------------------------------------------
+# Summaries are built as protos directly (tensorboard's own, no TensorFlow, no torch) and written
+# with tensorboard's EventFileWriter: one Event per logged step carries all its scalars, which is
+# several times cheaper than one add_scalar call (and one Event) per row.
+
+def _pb():
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+
+    return event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+
+
+def _string_tensor(data: bytes):
+    _, _, tensor_pb2, shape_pb2 = _pb()
+    return tensor_pb2.TensorProto(dtype=7, tensor_shape=shape_pb2.TensorShapeProto(),  # DT_STRING
+                                  string_val=[data])
+
+
+def _text_value(tag: str, markdown: str, description: str = ""):
+    from tensorboard.plugins.text import metadata as text_metadata
+
+    _, summary_pb2, _, _ = _pb()
+    meta = text_metadata.create_summary_metadata(display_name="", description=description)
+    return summary_pb2.Summary.Value(tag=tag, metadata=meta,
+                                     tensor=_string_tensor(markdown.encode()))
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (no image library needed)."""
+    if len(png) < 24 or png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise DashboardError("figure is not a PNG image")
+    return struct.unpack(">II", png[16:24])
+
+
+def _image_value(tag: str, png: bytes, description: str = ""):
+    _, summary_pb2, _, _ = _pb()
+    width, height = _png_size(png)
+    meta = summary_pb2.SummaryMetadata(summary_description=description) if description else None
+    image = summary_pb2.Summary.Image(height=height, width=width, colorspace=4,
+                                      encoded_image_string=png)
+    return summary_pb2.Summary.Value(tag=tag, image=image, metadata=meta)
+
+
+def _histogram_value(tag: str, values: np.ndarray):
+    _, summary_pb2, _, _ = _pb()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:  # all equal: one bucket, widened so TensorBoard can draw it
+        lo, hi = lo - 0.5 * (abs(lo) or 1.0), hi + 0.5 * (abs(hi) or 1.0)
+    counts, edges = np.histogram(values, bins=min(30, max(1, values.size)), range=(lo, hi))
+    hist = summary_pb2.HistogramProto(
+        min=float(values.min()), max=float(values.max()), num=float(values.size),
+        sum=float(values.sum()), sum_squares=float(np.dot(values, values)),
+        bucket_limit=edges[1:].tolist(), bucket=counts.astype(float).tolist())
+    return summary_pb2.Summary.Value(tag=tag, histo=hist)
+
+
+def _layout_value(layout: dict[str, dict[str, list[str]]]):
+    """The custom-scalars layout: {category: {chart title: [tag regexes]}} as its summary."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.custom_scalar import metadata as cs_metadata
+
+    _, summary_pb2, _, _ = _pb()
+    proto = layout_pb2.Layout(category=[
+        layout_pb2.Category(title=title, chart=[
+            layout_pb2.Chart(title=chart, multiline=layout_pb2.MultilineChartContent(tag=tags))
+            for chart, tags in charts.items()])
+        for title, charts in layout.items()])
+    return summary_pb2.Summary.Value(tag=cs_metadata.CONFIG_SUMMARY_TAG,
+                                     metadata=cs_metadata.create_summary_metadata(),
+                                     tensor=_string_tensor(proto.SerializeToString()))
+
+
+# -- hparams ---------------------------------------------------------------------------------------
+#: (name, is_numeric, description): the hparams columns; the same for every run so TensorBoard,
+#: which reads the experiment description of one run, describes all of them.
+_HPARAMS = (
+    ("model", False, "registry name, e.g. resnet20"),
+    ("family", False, "plain or resnet"),
+    ("depth", True, "weighted layers (6n+2)"),
+    ("shortcut", False, "A (zero-pad), B (projection), none for plain nets"),
+    ("dataset", False, "training data"),
+    ("lr", True, "initial learning rate"),
+    ("steps", True, "planned training steps"),
+    ("batch_size", True, "training batch size"),
+    ("seed", True, "random seed"),
+)
+_FINAL_DESCRIPTIONS = {
+    "loss": "training loss at the end of the run",
+    "accuracy": "training accuracy at the end of the run",
+    "test_loss": "test loss at the end of the run",
+    "test_accuracy": "test accuracy at the end of the run",
+    "residual_ratio_mean": "mean over blocks of residual_ratio at the last logged step",
+}
+
+
+def run_hparams(run_info: Mapping[str, Any]) -> dict[str, str | float]:
+    """The hparams of a run from its run.json dict (missing ones are left out).
+
+    Model fields come from ``run_info["model"]`` (what was built), the rest from
+    ``run_info["config"]`` (what was asked), so a registry default is recorded as used.
+    """
+    config = run_info.get("config") or {}
+    model = run_info.get("model") or {}
+    data = run_info.get("data")
+    out: dict[str, Any] = {
+        "model": model.get("name", config.get("model")),
+        "family": model.get("family"),
+        "depth": model.get("depth"),
+        "shortcut": model.get("shortcut", config.get("shortcut")),
+        "dataset": config.get("dataset", data.get("name") if isinstance(data, dict) else data),
+        "lr": config.get("lr"),
+        "steps": config.get("steps"),
+        "batch_size": config.get("batch_size"),
+        "seed": config.get("seed", run_info.get("seed")),
+    }
+    if out["family"] == "plain" or model.get("residual") is False:
+        out["shortcut"] = "none"  # a plain net has no shortcut, whatever the option says
+    numeric = {name for name, is_num, _ in _HPARAMS if is_num}
+    result: dict[str, str | float] = {}
+    for key, value in out.items():
+        if value is None:
+            continue
+        if key in numeric:
+            with contextlib.suppress(TypeError, ValueError):
+                result[key] = float(value)
+        else:
+            result[key] = str(value)
+    return result
+
+
+def _hparams_value(tag: str, **plugin_data):
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, summary_pb2, _, _ = _pb()
+    content = plugin_data_pb2.HParamsPluginData(**plugin_data)
+    return summary_pb2.Summary.Value(tag=tag, metadata=hp_metadata.create_summary_metadata(content),
+                                     tensor=hp_metadata.NULL_TENSOR)
+
+
+def _experiment_values(hparams: Mapping[str, str | float], start_time: float) -> list:
+    """Experiment description (fixed columns) and this run's session-start record."""
+    from google.protobuf import struct_pb2
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+
+    infos = []
+    for name, is_num, description in _HPARAMS:
+        info = api_pb2.HParamInfo(name=name, description=description,
+                                  type=api_pb2.DATA_TYPE_FLOAT64 if is_num
+                                  else api_pb2.DATA_TYPE_STRING)
+        if name == "family":
+            info.domain_discrete.extend(FAMILIES)
+        infos.append(info)
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=f"final/{m}"),
+                                  display_name=f"final {m}", description=_FINAL_DESCRIPTIONS[m])
+               for m in FINAL_METRICS]
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
+    start = api_pb2.SessionStartInfo(start_time_secs=start_time)
+    for key, value in hparams.items():
+        v = struct_pb2.Value()
+        if isinstance(value, str):
+            v.string_value = value
+        else:
+            v.number_value = value
+        start.hparams[key].CopyFrom(v)
+    return [_hparams_value(hp_metadata.EXPERIMENT_TAG, experiment=experiment),
+            _hparams_value(hp_metadata.SESSION_START_INFO_TAG, session_start_info=start)]
+
+
+def _session_end_value(end_time: float):
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+
+    end = api_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=end_time)
+    return _hparams_value(hp_metadata.SESSION_END_INFO_TAG, session_end_info=end)
+
+
+def _config_markdown(run_info: Mapping[str, Any]) -> str:
+    rows = [("name", run_info.get("name", ""))]
+    for section in ("model", "config"):
+        for key, value in (run_info.get(section) or {}).items():
+            rows.append((f"{section}.{key}", value))
+    for key in ("data", "seed", "device"):
+        if key in run_info:
+            rows.append((key, run_info[key]))
+
+    def cell(v: Any) -> str:
+        text = v if isinstance(v, str) else json.dumps(v, default=str)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    return "| key | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {cell(v)} |" for k, v in rows)
+
+
+# -- depth-profile images -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Profile:
+    step: int
+    depth: np.ndarray
+    value: np.ndarray
+
+
+def render_depth_profile(metric: str, profiles: list[_Profile],
+                         stages: tuple[tuple[str, int, int], ...], title: str) -> bytes:
+    """Draw value against depth: the last profile bold, earlier ones fading; returns a PNG.
+
+    Uses matplotlib's object API on the Agg canvas (never pyplot, which is not thread-safe).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (label, lo, hi) in enumerate(stages):
+        if i % 2:
+            ax.axvspan(lo - 0.5, hi + 0.5, color="0.93", lw=0)
+        ax.text((lo + hi) / 2, 1.0, label, transform=ax.get_xaxis_transform(), ha="center",
+                va="bottom", fontsize=7, color="0.35")
+    n = len(profiles)
+    for i, p in enumerate(profiles):
+        last = i == n - 1
+        alpha = 1.0 if last else 0.15 + 0.55 * (i + 1) / n
+        ax.plot(p.depth, p.value, marker="o" if last else None, ms=3, lw=1.8 if last else 0.9,
+                color="C3" if last else "C0", alpha=alpha, label=f"step {p.step}"
+                if last or i == 0 else None)
+    if metric in LOG_METRICS and any((p.value > 0).any() for p in profiles):
+        ax.set_yscale("log")
+    if metric == "residual_ratio":
+        ax.axhline(1.0, color="0.4", ls="--", lw=0.8)
+    ax.set_xlabel("depth (module index, forward order)")
+    ax.set_ylabel(metric + (" (log)" if metric in LOG_METRICS else ""))
+    ax.set_title(title, fontsize=9, pad=12)
+    ax.legend(fontsize=7, loc="best", frameon=False)
+    ax.grid(alpha=0.3, lw=0.5)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+class _Renderer:
+    """A thread that draws depth-profile images and writes them as image summaries.
+
+    Jobs are few (at most ``max_images`` per metric per run), so the queue is unbounded; the
+    thread keeps the last few profiles of each metric to draw the fading history.
+    """
+
+    HISTORY = 6
+
+    def __init__(self, writer, title: str):
+        self._writer = writer
+        self._title = title
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._history: dict[str, list[_Profile]] = {}
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gradlab-dashboard-render",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int, profiles: dict[str, tuple[np.ndarray, np.ndarray]],
+               stages: tuple[tuple[str, int, int], ...]) -> None:
+        self._jobs.put((step, profiles, stages))
+
+    def _run(self) -> None:
+        event_pb2, summary_pb2, _, _ = _pb()
+        while (job := self._jobs.get()) is not None:
+            step, profiles, stages = job
+            try:
+                values = []
+                for metric, (depth, value) in profiles.items():
+                    hist = self._history.setdefault(metric, [])
+                    hist.append(_Profile(step, depth, value))
+                    del hist[:-self.HISTORY]
+                    png = render_depth_profile(metric, hist, stages,
+                                               f"{self._title}{metric} by depth, step {step}")
+                    values.append(_image_value(f"{metric}/depth_profile", png))
+                self._writer.add_event(event_pb2.Event(
+                    wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
+            except Exception as e:  # a drawing failure must not stop training; kept for close()
+                self.error = e
+
+    def close(self, timeout: float = 120.0) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+
+# -- the run dashboard ----------------------------------------------------------------------------
+class Dashboard:
+    """Writes a run's measurements to TensorBoard event files under ``log_dir``.
+
+    Tags are ``<metric>/<layer>`` (``residual_ratio/layer2.3``) so TensorBoard's tag filter
+    selects a metric or a layer; model-wide scalars are ``<metric>`` alone (``loss``).
+    All values arrive already on the host: writing never touches the device. See the module
+    docstring for the layout, depth profiles and hparams this writes.
+
+    Args:
+        log_dir: the run's TensorBoard directory (``runs/<name>/tb``).
+        run_info: the run.json dict; its name, model and config become hparams, and
+            ``config["steps"]`` spreads the depth-profile images over the run.
+        max_images: depth-profile images per metric for the whole run (0: none).
+        flush_secs: how often the event writer flushes on its own.
+    """
+
+    def __init__(self, log_dir: Path, run_info: dict | None = None, *, max_images: int = 50,
+                 flush_secs: float = 30.0):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self.log_dir = Path(log_dir)
+        self.run_info = run_info or {}
+        self.max_images = max(0, int(max_images))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(str(self.log_dir), max_queue_size=64, flush_secs=flush_secs)
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._layers: dict[str, set[str]] = {}  # metric -> layers seen ("" for model-wide)
+        self._depth: dict[str, int] = {}  # layer -> depth
+        self._layout: dict | None = None
+        self._stages: tuple[tuple[str, int, int], ...] = ()
+        self._renderer: _Renderer | None = None
+        self._images = 0
+        self._next_image_step: float | None = None
+        self._last: tuple[int, dict] | None = None  # last step and its profiles, for close()
+        self._last_rendered = -1
+        self._rr_mean: float | None = None
+        self._closed = False
+        steps = (self.run_info.get("config") or {}).get("steps")
+        self._image_stride = (float(steps) / max(1, self.max_images - 1)
+                              if isinstance(steps, (int, float)) and steps > 0 else None)
+        now = time.time()
+        values = _experiment_values(run_hparams(self.run_info), now)
+        if self.run_info:
+            values.append(_text_value("run/config", _config_markdown(self.run_info)))
+        self._write(0, values, wall_time=now)
+
+    # The writer's own thread serialises file writes; this only builds the Event.
+    def _write(self, step: int, values: list, wall_time: float | None = None) -> None:
+        event_pb2, summary_pb2, _, _ = _pb()
+        self._writer.add_event(event_pb2.Event(wall_time=wall_time or time.time(), step=step,
+                                               summary=summary_pb2.Summary(value=values)))
+
+    def log(self, step: int, columns: dict[str, np.ndarray]) -> None:
+        """Write one logged step (host arrays ``layer, depth, metric, value``).
+
+        Cost is a few microseconds per row: one Event for all scalars, a histogram per profile
+        metric, and, at most ``max_images`` times per run, a hand-off to the renderer thread.
+        """
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        layer, metric, value = columns["layer"], columns["metric"], columns["value"]
+        if len(value) == 0:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            layers, metrics = layer.tolist(), metric.tolist()
+            tags = [f"{m}/{la}" if la else m for m, la in zip(metrics, layers)]
+            if not self._seen.issuperset(tags):
+                self._learn(tags, layers, metrics, columns["depth"].tolist(), step)
+            vals = [Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, value.tolist())]
+            profiles = self._profiles(metric, columns["depth"], value)
+            for name, (_, v) in profiles.items():
+                v = v[np.isfinite(v)]
+                if name in LOG_METRICS:
+                    v = np.log10(v[v > 0])
+                    name = f"log10_{name}"
+                if v.size:
+                    vals.append(_histogram_value(f"{name}/across_layers", v))
+            self._write(step, vals)
+            if profiles:
+                self._last = (step, profiles)
+                rr = profiles.get("residual_ratio")
+                if rr is not None and np.isfinite(rr[1]).any():
+                    self._rr_mean = float(np.nanmean(rr[1]))
+                if self._due(step):
+                    self._render(step, profiles)
+
+    @staticmethod
+    def _profiles(metric: np.ndarray, depth: np.ndarray,
+                  value: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for name in PROFILE_METRICS:
+            mask = metric == name
+            if mask.any():
+                d, v = depth[mask], value[mask].astype(np.float64)
+                order = np.argsort(d, kind="stable")
+                out[name] = (d[order], v[order])
+        return out
+
+    def _learn(self, tags: list[str], layers: list[str], metrics: list[str], depths: list[int],
+               step: int) -> None:
+        """Register new tags; rewrite the layout when they add a chart (rare: first steps)."""
+        for tag, la, m, d in zip(tags, layers, metrics, depths):
+            if tag in self._seen:
+                continue
+            self._seen.add(tag)
+            self._layers.setdefault(m, set()).add(la)
+            if la:
+                self._depth[la] = int(d)
+        layout = self._build_layout()
+        if layout != self._layout:
+            self._layout = layout
+            self._stages = self._stage_spans()
+            self._write(step, [_layout_value(layout)])
+
+    def _group(self, layer: str) -> str:
+        """Chart a layer belongs to: ``stage K``, or ``stem``/``head`` around the stages."""
+        k = layer_stage(layer)
+        if k is not None:
+            return f"stage {k}"
+        stage_depths = [d for la, d in self._depth.items() if layer_stage(la) is not None]
+        if not stage_depths:
+            return "layers"
+        return "stem" if self._depth.get(layer, 0) < min(stage_depths) else "head"
+
+    def _stage_spans(self) -> tuple[tuple[str, int, int], ...]:
+        spans: dict[str, list[int]] = {}
+        for la, d in self._depth.items():
+            spans.setdefault(self._group(la), []).append(d)
+        return tuple(sorted(((g, min(ds), max(ds)) for g, ds in spans.items()),
+                            key=lambda s: s[1]))
+
+    def _build_layout(self) -> dict[str, dict[str, list[str]]]:
+        model_wide = sorted(m for m, ls in self._layers.items() if "" in ls)
+        charts = {title: [f"^{re.escape(m)}$" for m in ms] for title, ms in _MODEL_CHARTS.items()}
+        covered = {m for ms in _MODEL_CHARTS.values() for m in ms}
+        charts.update({m: [f"^{re.escape(m)}$"] for m in model_wide if m not in covered})
+        layout: dict[str, dict[str, list[str]]] = {"model": charts}
+        per_layer = [m for m, ls in self._layers.items() if ls - {""}]
+        order = {m: i for i, m in enumerate(_METRIC_ORDER)}
+        for m in sorted(per_layer, key=lambda m: (order.get(m, len(order)), m)):
+            groups: dict[str, list[str]] = {}
+            for la in self._layers[m] - {""}:
+                groups.setdefault(self._group(la), []).append(la)
+            def key(g: str) -> tuple[int, int]:
+                return ({"stem": 0, "head": 2}.get(g, 1), int(g[6:]) if g[:6] == "stage " else 0)
+            metric_charts = {}
+            for g in sorted(groups, key=key):
+                if g.startswith("stage "):
+                    regex = f"^{re.escape(m)}/layer{g[6:]}(\\.|$)"
+                else:
+                    names = "|".join(re.escape(la) for la in sorted(groups[g], key=self._depth.get))
+                    regex = f"^{re.escape(m)}/({names})$"
+                metric_charts[g] = [regex]
+            layout[m] = metric_charts
+        return layout
+
+    def _due(self, step: int) -> bool:
+        """Whether this step gets depth-profile images: evenly over the planned steps.
+
+        Without a planned length, steps 0, 1, 2, 4, 8, ... (dense early, where training changes
+        fastest). One image per metric is kept back for the final step (see close()).
+        """
+        if self._images >= self.max_images - 1:
+            return False
+        nxt = self._next_image_step
+        if nxt is not None and step < nxt:
+            return False
+        if self._image_stride is not None:
+            self._next_image_step = (math.floor(step / self._image_stride) + 1) * self._image_stride
+        else:
+            self._next_image_step = max(1, 2 * step)
+        return True
+
+    def _render(self, step: int, profiles: dict) -> None:
+        if self._renderer is None:
+            name = self.run_info.get("name")
+            self._renderer = _Renderer(self._writer, f"{name}: " if name else "")
+        self._renderer.submit(step, profiles, self._stages)
+        self._images += 1
+        self._last_rendered = step
+
+    def flush(self) -> None:
+        """Hand everything written so far to the event file (images still drawing excepted)."""
+        self._writer.flush()
+
+    def close(self, final: dict[str, float] | None = None, *, status: str | None = None) -> None:
+        """Draw the last profiles, write the hparams metrics, and close the event file.
+
+        Args:
+            final: the run's final scalars (loss, accuracy, test_loss, test_accuracy,
+                residual_ratio_mean; the last is taken from the last logged step when absent).
+            status: the run's status (completed | failed | interrupted); by default
+                ``completed`` when ``final`` is given. Only a completed run records its end in
+                hparams: TensorBoard keeps the first end record of a run, so a failed run that
+                is resumed later can still end as completed.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if status is None:
+                status = "completed" if final else "interrupted"
+            last_step = self._last[0] if self._last else 0
+            if self._last is not None and self._last[0] != self._last_rendered \
+                    and self._images < self.max_images:
+                self._render(*self._last)
+            if self._renderer is not None:
+                self._renderer.close()
+            metrics = {k: float(v) for k, v in (final or {}).items()
+                       if isinstance(v, (int, float)) and math.isfinite(v)}
+            if "residual_ratio_mean" not in metrics and self._rr_mean is not None:
+                metrics["residual_ratio_mean"] = self._rr_mean
+            _, summary_pb2, _, _ = _pb()
+            values = [summary_pb2.Summary.Value(tag=f"final/{k}", simple_value=v)
+                      for k, v in metrics.items()]
+            if status == "completed":
+                values.append(_session_end_value(time.time()))
+            if values:
+                self._write(last_step, values)
+            self._writer.close()
+
+
+# -- the report -----------------------------------------------------------------------------------
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "figure"
+
+
+def write_report(log_dir: Path, verdicts_markdown: str,
+                 figures: list[tuple[str, str, bytes]]) -> None:
+    """Write a suite's report into TensorBoard: the verdict table as text, figures as images.
+
+    Each call is one step (0, 1, 2, ... by the event files already there), so a report written
+    again after more runs appears as a later step rather than replacing the earlier one.
+
+    Args:
+        log_dir: where to write (a suite's runs directory's ``report`` folder, say); created.
+        verdicts_markdown: markdown (a table of claims and verdicts); the figure captions are
+            appended to it.
+        figures: (name, caption, PNG bytes); each becomes the image tag ``report/<name>``.
+
+    Raises:
+        DashboardError: a figure is not a PNG, or the directory cannot be written.
+    """
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    log_dir = Path(log_dir)
+    images, captions = [], []
+    for name, caption, png in figures:
+        tag = f"report/{_safe_name(name)}"
+        try:
+            images.append(_image_value(tag, png, caption))
+        except DashboardError:
+            raise DashboardError(f"report figure {name!r} is not a PNG image") from None
+        captions.append(f"- **{tag}**: {caption}")
+    text = verdicts_markdown.rstrip()
+    if captions:
+        text += "\n\n**Figures** (Images tab)\n\n" + "\n".join(captions)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        step = len(list(log_dir.glob(_EVENT_GLOB)))
+        writer = EventFileWriter(str(log_dir))
+    except OSError as e:
+        raise DashboardError(f"cannot write the report to {log_dir}: {e.strerror or e}") from None
+    event_pb2, summary_pb2, _, _ = _pb()
+    writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(
+        value=[_text_value("report/verdicts", text, "claims tested and their verdicts"),
+               *images])))
+    writer.close()
+
+
+# -- serving --------------------------------------------------------------------------------------
+def find_logdirs(path: Path) -> list[Path]:
+    """The directories under ``path`` (itself included) that hold TensorBoard event files.
+
+    Raises:
+        DashboardError: ``path`` does not exist, is not a directory, or holds no runs (neither a
+            run.json nor an event file anywhere under it).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DashboardError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise DashboardError(f"{path}: not a directory")
+    found, has_run = set(), False
+    for root, _, files in os.walk(path):
+        if "run.json" in files:
+            has_run = True
+        if any(f.startswith("events.out.tfevents.") for f in files):
+            found.add(Path(root))
+    if not found and not has_run:
+        raise DashboardError(f"{path}: no runs here (no run.json or TensorBoard event files)")
+    return sorted(found)
+
+
+def _loopback_ok(host: str) -> None:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        raise DashboardError(f"cannot resolve host {host!r}") from None
+    if not infos:
+        raise DashboardError(f"cannot resolve host {host!r}")
+
+
+class DashboardServer:
+    """A TensorBoard server running in this process (see :func:`launch`); stop() ends it."""
+
+    def __init__(self, server, url: str, thread: threading.Thread):
+        self._server = server
+        self.url = url
+        self._thread = thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and release the port (idempotent)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout)
+        self._server = None
+
+    def __enter__(self) -> DashboardServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def launch(logdir: Path, *, host: str = "127.0.0.1", port: int = 0,
+           reload_interval: float = 5.0, max_images: int = 100) -> DashboardServer:
+    """Start TensorBoard in-process over ``logdir``; returns once it accepts connections.
+
+    Uses TensorBoard's Python loader (``--load_fast=false``): it runs in this process, so
+    stopping the server leaves no data-server subprocess behind. Keeps up to ``max_images``
+    images per tag (TensorBoard's default of 10 would hide most depth profiles).
+
+    Raises:
+        DashboardError: no runs under ``logdir`` (see :func:`find_logdirs`), or the port is taken.
+    """
+    find_logdirs(logdir)
+    _loopback_ok(host)
+    from tensorboard import program
+
+    servers: list = []
+
+    def make_server(app, flags):
+        server = program.WerkzeugServer(app, flags)
+        servers.append(server)
+        return server
+
+    tb = program.TensorBoard(server_class=make_server)
+    tb.configure(argv=["", "--logdir", str(Path(logdir).resolve()), "--host", host,
+                       "--port", str(int(port)), "--load_fast", "false",
+                       "--reload_interval", str(float(reload_interval)),
+                       "--samples_per_plugin", f"images={int(max_images)}",
+                       "--window_title", f"gradlab: {Path(logdir).resolve().name}"])
+    try:
+        server = tb._make_server()  # launch() hides the server; we need it to stop cleanly
+    except program.TensorBoardServerException as e:
+        raise DashboardError(f"cannot start TensorBoard: {e.msg}") from None
+    thread = threading.Thread(target=server.serve_forever, name="gradlab-tensorboard",
+                              daemon=True)
+    thread.start()
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_port}/"
+    return DashboardServer(server, url, thread)
+
+
+def serve(logdir: Path, *, host: str = "127.0.0.1", port: int = 0,
+          on_ready: Callable[[str], None] | None = None, reload_interval: float = 5.0,
+          stop: threading.Event | None = None) -> None:
+    """Serve TensorBoard over ``logdir`` until Ctrl-C (or ``stop`` is set), then shut down.
+
+    Args:
+        logdir: a runs directory (a suite's) or one run; every event file below it is a run.
+        host: interface to bind; loopback by default, as the dashboard has no authentication.
+        port: TCP port; 0 picks a free one.
+        on_ready: called with the URL once the server accepts connections.
+        reload_interval: seconds between rescans, so running runs update live.
+        stop: an event that ends serving when set (for callers without a terminal).
+
+    Raises:
+        DashboardError: no runs under ``logdir``, or the server cannot start.
+    """
+    with launch(logdir, host=host, port=port, reload_interval=reload_interval) as server:
+        if on_ready is not None:
+            on_ready(server.url)
+        try:
+            while not (stop.wait(0.5) if stop is not None else time.sleep(0.5)):
+                pass
+        except KeyboardInterrupt:
+            pass
+
+
+def _iter_event_files(path: Path) -> Iterator[Path]:  # pragma: no cover - helper for debugging
+    yield from Path(path).rglob(_EVENT_GLOB)
+
+
+def _unused(_: Iterable) -> None:  # pragma: no cover
+    pass
