@@ -83,7 +83,8 @@ class TrainConfig:
             bad(f"--amp must be auto, bf16 or off, got {self.amp!r}")
         if self.channels_last not in ("auto", "on", "off"):
             bad(f"--channels-last must be auto, on or off, got {self.channels_last!r}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+        known = ("auto", "cpu", "cuda", "mps")
+        if self.device not in known and not self.device.startswith("cuda:"):
             bad(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.nonfinite not in ("stop", "skip"):
             bad(f"--on-nonfinite must be stop or skip, got {self.nonfinite!r}")

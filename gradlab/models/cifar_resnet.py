@@ -134,7 +134,7 @@ class CifarResNet(nn.Module):
 
 @register_family("resnet", PAPER_DEPTHS, residual=True)
 def resnet(depth: int, **kwargs) -> CifarResNet:
-    """Residual CIFAR network of ``depth`` = 6n+2 layers (option A shortcuts unless ``shortcut="B"``)."""
+    """Residual CIFAR network of ``depth`` = 6n+2 layers (option A shortcuts by default)."""
     return CifarResNet(depth, residual=True, **kwargs)
 
 

@@ -43,7 +43,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def register_family(prefix: str, depths: tuple[int, ...], residual: bool):
-    """Register a factory ``fn(depth, **kw)`` for every ``{prefix}{6n+2}``; ``depths`` are listed."""
+    """Register a factory ``fn(depth, **kw)`` for every ``{prefix}{6n+2}``; lists ``depths``."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _FAMILIES[prefix] = (fn, tuple(depths), residual)
@@ -66,7 +66,7 @@ def _natural_key(name: str) -> tuple:
 
 
 def model_info(name: str) -> ModelInfo:
-    """Parse and validate ``name``; raise :class:`ModelError` with the closest matches if unknown."""
+    """Parse and validate ``name``; :class:`ModelError` names the closest matches if unknown."""
     if name in _MODELS:
         return ModelInfo(name, name, None, False)
     m = re.fullmatch(r"([a-z_]+?)(\d+)", name or "")
