@@ -1,0 +1,808 @@
+"""The four published claims, each tested on run directories with scipy.
+
+Every claim is a function ``(runs) -> ClaimResult`` over the runs of one dataset. The design
+choices that matter for the numbers, and why:
+
+* **The unit of replication is the training run.** Layers of one network are not independent
+  observations (they share the data, the initialization scale and each other's inputs), so a test
+  over all (layer, seed) pairs would count one run many times and report p-values far too small.
+  Each run (or each plain/residual pair of runs) is first reduced to one number, e.g. the mean log
+  ratio over its matched layers, and the test runs over those numbers. The pooled (layer, seed)
+  Wilcoxon test is still reported, marked *descriptive*, for comparison.
+* **Pairs.** A plainN run is paired with the resnetN run of the same seed (same depth, same data
+  order); pairs from different depths are pooled, so each difference is within a depth.
+* **"Final" values** are the mean over the last 10% of logged steps (step 0, the initialization,
+  excluded): one noisy batch does not decide a claim.
+* **Tests are one-sided** in the claim's direction; a claim is ``supported`` when its direction is
+  significant at ``ALPHA`` = 0.05, ``contradicted`` when the opposite direction is, and otherwise
+  ``inconclusive`` with the reason. Claims with two parts are supported only when *both* parts
+  are (an intersection-union test, which needs no correction: its p-value is the larger of the
+  two); they are contradicted when *either* part's opposite is significant after Holm's correction
+  over the parts (a union, which does need it).
+* **Effect sizes** come with a percentile bootstrap 95% CI (10,000 resamples, RNG seed 0, so a
+  report is reproducible), resampling runs or run pairs, never layers.
+* **Eligible runs**: status ``completed``, at least ``MIN_LOGGED_STEPS`` logged steps after step
+  0, the metric the claim needs, and a model with at least ``MIN_SEEDS`` seeds. Everything
+  excluded is listed in the claim's notes.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from gradlab.report.load import LoadedRun, RunSet
+
+__all__ = ["CLAIMS", "ALPHA", "MIN_SEEDS", "MIN_LOGGED_STEPS", "ClaimResult", "CLAIM_FUNCTIONS",
+           "degradation", "smaller_responses", "near_identity", "gradient_flow",
+           "evaluate_claims", "is_conv_bn"]
+
+CLAIMS: tuple[str, ...] = ("degradation", "smaller-responses", "near-identity", "gradient-flow")
+ALPHA = 0.05
+MIN_SEEDS = 2
+MIN_LOGGED_STEPS = 5
+#: Gradient-flow is measured early in training, where optimization difficulty shows first.
+EARLY_FRACTION = 0.1
+N_BOOT = 10_000
+BOOT_SEED = 0
+
+_CONV_BN = re.compile(r"(^|\.)bn[12]$")
+
+
+def is_conv_bn(layer: str) -> bool:
+    """BN right after a 3x3 conv (stem ``bn1``, block ``bn1``/``bn2``), as in Fig. 7.
+
+    Excludes the final linear ``fc`` and option-B projection BNs (``shortcut.1``), which follow a
+    1x1 conv and sit outside the residual branch.
+    """
+    return bool(_CONV_BN.search(layer))
+
+
+@dataclass
+class ClaimResult:
+    """The verdict on one claim for one dataset, with the numbers behind it.
+
+    The headline fields (``test`` ... ``n``) are those of the part that decided the verdict (for a
+    supported two-part claim, the part with the larger p-value); ``tests`` holds every part.
+    """
+
+    id: str
+    title: str
+    statement: str
+    source: str
+    method: str
+    verdict: str
+    reason: str
+    test: str = ""
+    statistic: float = float("nan")
+    p_value: float = float("nan")
+    effect_name: str = ""
+    effect_size: float = float("nan")
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    n: int = 0
+    details: pd.DataFrame = field(default_factory=pd.DataFrame)
+    tests: pd.DataFrame = field(default_factory=pd.DataFrame)
+    dataset: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, object]:
+        """One flat row (for tables, markdown and JSON)."""
+        return {"claim": self.id, "dataset": self.dataset, "verdict": self.verdict,
+                "test": self.test, "statistic": self.statistic, "p_value": self.p_value,
+                "effect_name": self.effect_name, "effect_size": self.effect_size,
+                "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n,
+                "reason": self.reason}
+
+
+@dataclass
+class _Part:
+    """One sub-test of a claim: p in the claim's direction and in the opposite one."""
+
+    name: str
+    test: str
+    statistic: float
+    p: float
+    p_opposite: float
+    effect_name: str
+    effect: float
+    ci: tuple[float, float]
+    n: int
+    says: str  # what the claim's direction means, e.g. "resnet below plain"
+    opposite: str  # what the opposite means
+    role: str = "claim"  # "claim" (must be significant) | "no-worse" | "descriptive"
+
+    def row(self) -> dict[str, object]:
+        return {"part": self.name, "role": self.role, "test": self.test,
+                "statistic": self.statistic, "p_claimed": self.p, "p_opposite": self.p_opposite,
+                "effect_name": self.effect_name, "effect": self.effect, "ci_low": self.ci[0],
+                "ci_high": self.ci[1], "n": self.n}
+
+
+_INFO = {
+    "degradation": (
+        "Degradation with depth",
+        "The deeper plain net ends with higher training loss than the shallower one; the deeper "
+        "residual net does not.",
+        "He et al. 2015, Fig. 1 and Fig. 6",
+        "Final training loss per run = mean of the last 10% of logged training-batch losses "
+        "(step 0 excluded). Depths compared: the shallowest and the deepest depth that both plain "
+        "and residual nets have (with >= 2 seeds each). Part 1: one-sided Welch t-test, deeper "
+        "plain > shallower plain. Part 2: one-sided Welch t-test, deeper residual > shallower "
+        "residual. Supported: part 1 significant (p < 0.05) and part 2 not. Contradicted: deeper "
+        "plain significantly lower, or deeper residual significantly higher (Holm over the two). "
+        "Effect: difference of mean final loss (deeper - shallower), bootstrap 95% CI "
+        "resampling runs within each depth."),
+    "smaller-responses": (
+        "Residual nets have smaller layer responses",
+        "Residual nets' response_std is below plain nets' at matched layers, and falls with "
+        "depth among residual nets.",
+        "He et al. 2015, Fig. 7",
+        "response_std of the BatchNorm after every 3x3 conv (stem bn1 and block bn1/bn2; fc "
+        "excluded), final = mean over the last 10% of logged steps. Part 1: for each plainN/"
+        "resnetN pair of the same seed, d = mean over matched layers (same name) of "
+        "ln(std_resnet / std_plain); one-sided one-sample t-test of d < 0 over pairs. Effect: "
+        "geometric-mean ratio resnet/plain = exp(mean d). Part 2: per residual run, the mean "
+        "response_std over those layers; least-squares slope of its log on depth, one-sided t-test "
+        "of slope < 0 (with two depths this is the pooled two-sample t-test). Effect: the fitted "
+        "ratio deepest/shallowest, bootstrap CI resampling runs within each depth. Both parts "
+        "must be significant (p < 0.05); contradicted if either opposite direction is (Holm "
+        "over the two). The pooled Wilcoxon signed-rank test over all matched (layer, seed) "
+        "pairs is shown as descriptive only (layers of one run are not independent)."),
+    "near-identity": (
+        "Residual blocks stay close to the identity",
+        "residual_ratio < 1 for most blocks; identity_gap of residual blocks is below plain "
+        "blocks at matched positions.",
+        "He et al. 2015, sec. 3.1 and 4.2",
+        "Final = mean over the last 10% of logged steps. Part 1: per residual run, m = median over "
+        "its blocks of log10(residual_ratio) (m < 0 exactly when most blocks have ratio < 1); "
+        "one-sided one-sample t-test of m < 0 over runs. Effect: 10^mean(m), the typical block's "
+        "ratio. Part 2: for each plainN/resnetN pair of the same seed, d = mean over matched "
+        "blocks (same name; identity_gap exists where a block keeps its shape) of "
+        "ln(gap_resnet / gap_plain); one-sided t-test of d < 0. Effect: exp(mean d). Both parts "
+        "must be significant; contradicted if either opposite is (Holm over the two)."),
+    "gradient-flow": (
+        "Gradients flow better through residual nets",
+        "response_grad_norm decays (or explodes) through depth more in plain nets than in "
+        "residual nets.",
+        "He et al. 2016; Balduzzi et al. 2017",
+        "Per run: log10(response_grad_norm) at each 3x3-conv BN, averaged over the logged steps in "
+        "the first 10% of training (step 0 included), regressed by least squares on the layer's "
+        "rank in forward order; |slope| is the decay or growth in decades per layer. For each "
+        "plainN/resnetN pair of the same seed, d = |slope_plain| - |slope_resnet|; one-sided "
+        "one-sample t-test of d > 0 over pairs. Effect: mean d (decades per layer), bootstrap 95% "
+        "CI. The slopes at init (step 0) and at the final step are listed too."),
+}
+
+
+# -- statistics helpers -------------------------------------------------------------------------
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(BOOT_SEED)
+
+
+def _ci(samples: np.ndarray) -> tuple[float, float]:
+    samples = samples[np.isfinite(samples)]
+    if len(samples) == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+def boot_mean_ci(x: Sequence[float], transform: Callable[[np.ndarray], np.ndarray] = lambda v: v
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of ``transform(mean(x))``, resampling the values of x."""
+    x = np.asarray(x, dtype=float)
+    if len(x) < 2:
+        return (float("nan"), float("nan"))
+    idx = _rng().integers(0, len(x), (N_BOOT, len(x)))
+    return _ci(transform(x[idx].mean(axis=1)))
+
+
+def boot_diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of mean(a) - mean(b), resampling each group on its own."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return (float("nan"), float("nan"))
+    rng = _rng()
+    ma = a[rng.integers(0, len(a), (N_BOOT, len(a)))].mean(axis=1)
+    mb = b[rng.integers(0, len(b), (N_BOOT, len(b)))].mean(axis=1)
+    return _ci(ma - mb)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and counts as a test)."""
+    p = np.asarray(pvalues, dtype=float)
+    m = len(p)
+    order = np.argsort(np.where(np.isnan(p), np.inf, p))
+    adj = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        val = p[i] * (m - rank) if np.isfinite(p[i]) else np.nan
+        running = max(running, val) if np.isfinite(val) else running
+        adj[i] = min(1.0, running) if np.isfinite(val) else np.nan
+    return adj.tolist()
+
+
+def _quiet(fn: Callable, *args, **kw):
+    # scipy warns on degenerate input (zero variance, tiny n); the verdict reports it instead.
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        return fn(*args, **kw)
+
+
+def _t1(d: Sequence[float], alternative: str) -> tuple[float, float, float]:
+    """One-sample t-test vs 0: (t, p in ``alternative``, p in the opposite direction)."""
+    d = np.asarray(d, dtype=float)
+    opposite = "greater" if alternative == "less" else "less"
+    r = _quiet(stats.ttest_1samp, d, 0.0, alternative=alternative)
+    r2 = _quiet(stats.ttest_1samp, d, 0.0, alternative=opposite)
+    return float(r.statistic), _p(r.pvalue), _p(r2.pvalue)
+
+
+def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Welch t-test of mean(a) > mean(b): (t, p greater, p less)."""
+    r = _quiet(stats.ttest_ind, a, b, equal_var=False, alternative="greater")
+    r2 = _quiet(stats.ttest_ind, a, b, equal_var=False, alternative="less")
+    return float(r.statistic), _p(r.pvalue), _p(r2.pvalue)
+
+
+def _p(p: float) -> float:
+    # An undefined test (zero variance) is no evidence either way.
+    return float(p) if np.isfinite(p) else 1.0
+
+
+def _trend(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    """OLS slope of y on x with its t statistic: (slope, t, p slope < 0, p slope > 0).
+
+    A parametric trend test rather than Spearman's rho: with two depths of three seeds each, a
+    rank test can never reach p < 0.05 (the most extreme of C(6,3) = 20 arrangements has
+    p = 1/20), so it could not support the claim whatever the data.
+    """
+    lo = _quiet(stats.linregress, x, y, alternative="less")
+    hi = _quiet(stats.linregress, x, y, alternative="greater")
+    se = float(lo.stderr)
+    t = float(lo.slope) / se if se > 0 else float("nan")
+    return float(lo.slope), t, _p(lo.pvalue), _p(hi.pvalue)
+
+
+# -- run selection ------------------------------------------------------------------------------
+@dataclass
+class _Selection:
+    plain: dict[int, list[LoadedRun]]
+    residual: dict[int, list[LoadedRun]]
+    notes: list[str]
+    single_seed: list[str]  # models dropped for having one seed
+    reason: str | None = None  # why nothing is left, when nothing is
+
+
+def _select(runs: Iterable[LoadedRun], needs: Sequence[str]) -> _Selection:
+    """Eligible runs by family and depth; everything excluded is noted with why."""
+    runs = list(runs)
+    notes: list[str] = []
+    kept: list[LoadedRun] = []
+    few_steps: list[str] = []
+    missing: list[str] = []
+    not_done: list[str] = []
+    for r in runs:
+        if r.status != "completed":
+            why = f"status {r.status}"
+            if r.failure and r.failure.get("reason"):
+                why += f": {r.failure.get('reason')}"
+            notes.append(f"{r.name} excluded ({why})")
+            not_done.append(r.name)
+        elif r.logged_steps < MIN_LOGGED_STEPS:
+            notes.append(f"{r.name} excluded (too few logged steps: {r.logged_steps} < "
+                         f"{MIN_LOGGED_STEPS})")
+            few_steps.append(f"{r.name} has {r.logged_steps}")
+        elif any(r.metric(m).empty for m in needs):
+            absent = [m for m in needs if r.metric(m).empty]
+            notes.append(f"{r.name} excluded (no {', '.join(absent)} rows)")
+            missing.append(r.name)
+        else:
+            kept.append(r)
+
+    # Residual nets: one family and shortcut variant (resnet with option A when present), so a
+    # comparison never mixes different architectures under one depth.
+    res_keys = sorted({(r.family, r.variant) for r in kept if r.residual},
+                      key=lambda k: (k != ("resnet", "A"), k[0] != "resnet", k))
+    res_key = res_keys[0] if res_keys else None
+    for k in res_keys[1:]:
+        notes.append(f"{k[0]} (shortcut {k[1]}) runs not used: claims compare plain nets with "
+                     f"{res_key[0]} (shortcut {res_key[1]})")
+    plain_fam = [r for r in kept if not r.residual and r.family == "plain"]
+    others = sorted({r.family for r in kept if not r.residual and r.family != "plain"})
+    if others:
+        notes.append(f"non-residual families {', '.join(others)} not used (only 'plain' is)")
+    residual = [r for r in kept if r.residual and (r.family, r.variant) == res_key]
+
+    single: list[str] = []
+
+    def by_depth(rs: list[LoadedRun]) -> dict[int, list[LoadedRun]]:
+        out: dict[int, list[LoadedRun]] = {}
+        for r in sorted(rs, key=lambda r: (r.depth, r.seed if r.seed is not None else -1)):
+            out.setdefault(r.depth, []).append(r)
+        for depth in list(out):
+            if len(out[depth]) < MIN_SEEDS:
+                model = out[depth][0].model
+                seeds = ", ".join(str(r.seed) for r in out[depth])
+                single.append(f"{model}: seed {seeds}")
+                notes.append(f"{model} not used (only one seed: {seeds}; needs >= {MIN_SEEDS})")
+                del out[depth]
+        return out
+
+    sel = _Selection(by_depth(plain_fam), by_depth(residual), notes, single)
+    if not sel.plain and not sel.residual:
+        if single:
+            sel.reason = f"only one seed per model ({'; '.join(single)})"
+        elif few_steps:
+            sel.reason = (f"too few logged steps ({', '.join(few_steps)}; needs >= "
+                          f"{MIN_LOGGED_STEPS} after step 0)")
+        elif missing:
+            sel.reason = f"no {', '.join(needs)} rows in the runs ({', '.join(missing)})"
+        elif not_done:
+            sel.reason = f"no completed runs ({', '.join(not_done)})"
+        else:
+            sel.reason = "no plain or residual nets among the runs"
+    return sel
+
+
+def _label(family: str, depth: int) -> str:
+    return f"{family}{depth}"
+
+
+def _counterpart_reason(sel: _Selection, *, need_plain: bool = True,
+                        need_residual: bool = True) -> str | None:
+    """Why no plain/residual pair of one depth exists (None when one does)."""
+    if set(sel.plain) & set(sel.residual):
+        return None
+    parts = []
+    res_name = next(iter(sel.residual.values()))[0].family if sel.residual else "resnet"
+    if need_plain:
+        parts += [f"no plain counterpart for {_label(res_name, d)}" for d in sorted(sel.residual)]
+    if need_residual:
+        parts += [f"no residual counterpart for {_label('plain', d)}" for d in sorted(sel.plain)]
+    if sel.single_seed:
+        parts.append(f"only one seed for {'; '.join(sel.single_seed)}")
+    return "; ".join(parts) or "no plain/residual pair of the same depth"
+
+
+def _pairs(sel: _Selection) -> tuple[list[tuple[int, int | None, LoadedRun, LoadedRun]],
+                                     list[str]]:
+    """(depth, seed, plain run, residual run) for every depth and seed both families have."""
+    pairs, notes = [], []
+    for depth in sorted(set(sel.plain) & set(sel.residual)):
+        p = {r.seed: r for r in sel.plain[depth]}
+        q = {r.seed: r for r in sel.residual[depth]}
+        common = sorted(set(p) & set(q), key=lambda s: (s is None, s))
+        for s in common:
+            pairs.append((depth, s, p[s], q[s]))
+        lone = sorted((set(p) ^ set(q)) - {None}, key=str)
+        if lone:
+            notes.append(f"depth {depth}: seeds {', '.join(map(str, lone))} have no same-seed "
+                         "partner and are not paired")
+    for depth in sorted(set(sel.residual) - set(sel.plain)):
+        fam = sel.residual[depth][0].family
+        notes.append(f"{_label(fam, depth)} has no plain counterpart; not compared")
+    for depth in sorted(set(sel.plain) - set(sel.residual)):
+        notes.append(f"plain{depth} has no residual counterpart; not compared")
+    return pairs, notes
+
+
+def _result(cid: str, verdict: str, reason: str, *, part: _Part | None = None,
+            parts: Sequence[_Part] = (), details: pd.DataFrame | None = None,
+            notes: Sequence[str] = (), p_value: float | None = None) -> ClaimResult:
+    title, statement, source, method = _INFO[cid]
+    res = ClaimResult(id=cid, title=title, statement=statement, source=source, method=method,
+                      verdict=verdict, reason=reason,
+                      details=details if details is not None else pd.DataFrame(),
+                      tests=pd.DataFrame([p.row() for p in parts]), notes=list(notes))
+    if part is not None:
+        res.test, res.statistic, res.n = part.test, part.statistic, part.n
+        res.p_value = part.p if p_value is None else p_value
+        res.effect_name, res.effect_size = part.effect_name, part.effect
+        res.ci_low, res.ci_high = part.ci
+    return res
+
+
+def _decide(cid: str, parts: list[_Part], *, details: pd.DataFrame,
+            notes: list[str]) -> ClaimResult:
+    """Verdict for a claim whose every ``claim`` part must hold (see the module docstring)."""
+    tested = [p for p in parts if p.role == "claim"]
+    adj = holm([p.p_opposite for p in tested])
+    worst = int(np.argmin(adj))
+    if adj[worst] < ALPHA:
+        p = tested[worst]
+        why = f"{p.opposite} (p={adj[worst]:.3g}"
+        why += ", Holm over the parts)" if len(tested) > 1 else ")"
+        return _result(cid, "contradicted", why, part=p, parts=parts, details=details,
+                       notes=notes, p_value=adj[worst])
+    weakest = max(tested, key=lambda p: p.p)
+    if weakest.p < ALPHA:
+        reason = "; ".join(f"{p.says} (p={p.p:.3g})" for p in tested)
+        return _result(cid, "supported", reason, part=weakest, parts=parts, details=details,
+                       notes=notes)
+    failing = [p for p in tested if p.p >= ALPHA]
+    reason = "not significant (" + "; ".join(f"p={p.p:.3g} for {p.name}" for p in failing) + ")"
+    return _result(cid, "inconclusive", reason, part=weakest, parts=parts, details=details,
+                   notes=notes)
+
+
+def _inconclusive(cid: str, reason: str, notes: Sequence[str] = (), *,
+                  parts: Sequence[_Part] = (), details: pd.DataFrame | None = None
+                  ) -> ClaimResult:
+    return _result(cid, "inconclusive", reason, parts=parts, details=details, notes=notes)
+
+
+# -- the claims ---------------------------------------------------------------------------------
+def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
+    """Deeper plain nets end with higher training loss; deeper residual nets do not (Fig. 1, 6).
+
+    Deepest vs shallowest depth shared by both families, final loss per run, one-sided Welch
+    t-tests; supported when the plain comparison is significant and the residual one is not.
+    "Not significantly worse" is weaker than "no worse": with few seeds it is easy to pass, which
+    is why the residual effect and its CI are reported alongside.
+    """
+    cid = "degradation"
+    sel = _select(runs, ["loss"])
+    if sel.reason:
+        return _inconclusive(cid, sel.reason, sel.notes)
+    common = sorted(set(sel.plain) & set(sel.residual))
+    if len(common) < 2:
+        reason = _counterpart_reason(sel)
+        if reason is None:  # paired at exactly one depth
+            extra = sorted((set(sel.plain) | set(sel.residual)) - set(common))
+            reason = (f"needs two depths that both plain and residual nets have; only depth "
+                      f"{common[0]} is shared")
+            if extra:
+                res_fam = next(iter(sel.residual.values()))[0].family
+                missing = [f"no plain counterpart for {_label(res_fam, d)}" for d in extra
+                           if d in sel.residual]
+                missing += [f"no residual counterpart for plain{d}" for d in extra
+                            if d in sel.plain]
+                reason += " (" + "; ".join(missing) + ")"
+            if sel.single_seed:
+                reason += f"; only one seed for {'; '.join(sel.single_seed)}"
+        return _inconclusive(cid, reason, sel.notes)
+    lo, hi = common[0], common[-1]
+    rows = []
+    for fam, groups in (("plain", sel.plain), ("residual", sel.residual)):
+        for d in (lo, hi):
+            for r in groups[d]:
+                rows.append({"family": fam, "model": r.model, "depth": d, "seed": r.seed,
+                             "run": r.name, "final_loss": r.final_scalar("loss"),
+                             "logged_steps": r.logged_steps})
+    details = pd.DataFrame(rows)
+
+    def part(fam: str, groups: dict[int, list[LoadedRun]], role: str) -> _Part:
+        deep = details.query("family == @fam and depth == @hi")["final_loss"].to_numpy()
+        shallow = details.query("family == @fam and depth == @lo")["final_loss"].to_numpy()
+        t, p_gt, p_lt = _welch(deep, shallow)
+        m_deep, m_shallow = groups[hi][0].model, groups[lo][0].model
+        return _Part(
+            name=f"{m_deep} vs {m_shallow}", test="Welch t-test, one-sided", statistic=t,
+            p=p_gt, p_opposite=p_lt,
+            effect_name=f"mean final loss {m_deep} - {m_shallow}",
+            effect=float(deep.mean() - shallow.mean()), ci=boot_diff_ci(deep, shallow),
+            n=len(deep) + len(shallow), role=role,
+            says=f"{m_deep} ends with higher loss than {m_shallow}",
+            opposite=(f"{m_deep} ends with significantly lower loss than {m_shallow}"
+                      if fam == "plain" else
+                      f"{m_deep} ends with significantly higher loss than {m_shallow}"))
+
+    plain, res = part("plain", sel.plain, "claim"), part("residual", sel.residual, "no-worse")
+    parts = [plain, res]
+    # Contradiction: deeper plain significantly better, or deeper residual significantly worse.
+    adj = holm([plain.p_opposite, res.p])
+    notes = sel.notes
+    if adj[0] < ALPHA or adj[1] < ALPHA:
+        if adj[0] <= adj[1]:
+            return _result(cid, "contradicted", f"{plain.opposite} (p={adj[0]:.3g}, Holm)",
+                           part=plain, parts=parts, details=details, notes=notes,
+                           p_value=adj[0])
+        return _result(cid, "contradicted", f"{res.opposite} (p={adj[1]:.3g}, Holm)", part=res,
+                       parts=parts, details=details, notes=notes, p_value=adj[1])
+    if plain.p < ALPHA and res.p >= ALPHA:
+        reason = (f"{plain.says} (p={plain.p:.3g}); {res.name}: not significantly worse "
+                  f"(p={res.p:.3g})")
+        return _result(cid, "supported", reason, part=plain, parts=parts, details=details,
+                       notes=notes)
+    if plain.p >= ALPHA:
+        reason = f"not significant (p={plain.p:.3g} for {plain.name})"
+    else:
+        reason = (f"{res.name} also ends worse (p={res.p:.3g}), though not significantly "
+                  "after Holm's correction")
+    return _result(cid, "inconclusive", reason, part=plain, parts=parts, details=details,
+                   notes=notes)
+
+
+def _matched_log_ratio(plain: pd.DataFrame, res: pd.DataFrame) -> pd.DataFrame:
+    """Inner join of per-layer values on the layer name, with ln(res / plain)."""
+    m = plain.merge(res, on="layer", suffixes=("_plain", "_res"))
+    m = m[(m["value_plain"] > 0) & (m["value_res"] > 0)]
+    return m.assign(log_ratio=np.log(m["value_res"] / m["value_plain"]))
+
+
+def _paired_ratio_part(pairs, metric: str, layer_filter: Callable[[str], bool], name: str,
+                       what: str) -> tuple[_Part | None, pd.DataFrame, pd.DataFrame]:
+    """Part test: mean ln(res/plain) over matched layers per run pair, t-test of d < 0."""
+    rows, pooled = [], []
+    for depth, seed, p, q in pairs:
+        a, b = p.final_layers(metric), q.final_layers(metric)
+        a, b = a[a["layer"].map(layer_filter)], b[b["layer"].map(layer_filter)]
+        m = _matched_log_ratio(a, b)
+        if m.empty:
+            continue
+        pooled.append(m.assign(depth=depth, seed=seed))
+        rows.append({"depth": depth, "seed": seed, "plain_run": p.name, "residual_run": q.name,
+                     "matched_layers": len(m), "mean_log_ratio": float(m["log_ratio"].mean()),
+                     "ratio": float(np.exp(m["log_ratio"].mean()))})
+    details = pd.DataFrame(rows)
+    pooled_df = pd.concat(pooled, ignore_index=True) if pooled else pd.DataFrame()
+    if len(details) < 2:
+        return None, details, pooled_df
+    d = details["mean_log_ratio"].to_numpy()
+    t, p_lt, p_gt = _t1(d, "less")
+    part = _Part(name=name, test="one-sample t-test on per-pair mean log ratio, one-sided",
+                 statistic=t, p=p_lt, p_opposite=p_gt,
+                 effect_name=f"geometric-mean {metric} ratio resnet/plain",
+                 effect=float(np.exp(d.mean())), ci=boot_mean_ci(d, np.exp), n=len(d),
+                 says=f"{what} of residual nets below plain nets",
+                 opposite=f"{what} of residual nets significantly above plain nets")
+    return part, details, pooled_df
+
+
+def _pooled_wilcoxon(pooled: pd.DataFrame, name: str) -> _Part | None:
+    """Descriptive: Wilcoxon signed-rank over all matched (layer, seed) pairs."""
+    if len(pooled) < 2:
+        return None
+    x = pooled["log_ratio"].to_numpy()
+    lo = _quiet(stats.wilcoxon, x, alternative="less")
+    hi = _quiet(stats.wilcoxon, x, alternative="greater")
+    return _Part(name=name, test="Wilcoxon signed-rank over (layer, seed) pairs (descriptive)",
+                 statistic=float(lo.statistic), p=_p(lo.pvalue), p_opposite=_p(hi.pvalue),
+                 effect_name="median ratio resnet/plain", effect=float(np.exp(np.median(x))),
+                 ci=_boot_median_ci(x), n=len(x), says="", opposite="", role="descriptive")
+
+
+def _boot_median_ci(x: np.ndarray) -> tuple[float, float]:
+    idx = _rng().integers(0, len(x), (N_BOOT, len(x)))
+    return _ci(np.exp(np.median(x[idx], axis=1)))
+
+
+def smaller_responses(runs: Sequence[LoadedRun]) -> ClaimResult:
+    """Residual nets respond less than plain nets at matched layers, less still when deeper.
+
+    Fig. 7 plots the std of each 3x3 conv's BN output; only those layers are used.
+    """
+    cid = "smaller-responses"
+    sel = _select(runs, ["response_std"])
+    if sel.reason:
+        return _inconclusive(cid, sel.reason, sel.notes)
+    pairs, pair_notes = _pairs(sel)
+    notes = sel.notes + pair_notes
+    if not pairs:
+        return _inconclusive(cid, _counterpart_reason(sel) or "no plain/residual pairs", notes)
+    part1, details, pooled = _paired_ratio_part(
+        pairs, "response_std", is_conv_bn, "resnet vs plain at matched layers",
+        "response_std")
+    if part1 is None:
+        return _inconclusive(cid, "fewer than two plain/residual pairs with matched BN layers",
+                             notes, details=details)
+    details = details.assign(part="resnet vs plain")
+    parts = [part1]
+    desc = _pooled_wilcoxon(pooled, "resnet vs plain, pooled layers")
+
+    # Part 2: depth trend among residual nets.
+    res_rows = []
+    for depth, rs in sorted(sel.residual.items()):
+        for r in rs:
+            v = r.final_layers("response_std")
+            v = v[v["layer"].map(is_conv_bn)]
+            if len(v):
+                res_rows.append({"part": "depth trend", "depth": depth, "seed": r.seed,
+                                 "residual_run": r.name, "mean_response_std":
+                                 float(v["value"].mean())})
+    trend = pd.DataFrame(res_rows)
+    details = pd.concat([details, trend], ignore_index=True)
+    if trend.empty or trend["depth"].nunique() < 2:
+        only = ", ".join(str(d) for d in sorted(sel.residual))
+        reason = (f"the depth trend needs residual nets of two depths with >= {MIN_SEEDS} seeds "
+                  f"each; only depth {only}")
+        # The matched-layer part can still contradict the claim on its own.
+        if part1.p_opposite < ALPHA:
+            return _result(cid, "contradicted", f"{part1.opposite} (p={part1.p_opposite:.3g})",
+                           part=part1, parts=parts + [desc] * bool(desc), details=details,
+                           notes=notes, p_value=part1.p_opposite)
+        return _inconclusive(cid, reason, notes, parts=parts + [desc] * bool(desc),
+                             details=details)
+    x = trend["depth"].to_numpy(float)
+    y = np.log(trend["mean_response_std"].to_numpy(float))
+    slope, t, p_lt, p_gt = _trend(x, y)
+    span = float(x.max() - x.min())
+    d_lo, d_hi = int(x.min()), int(x.max())
+    part2 = _Part(name="depth trend among residual nets",
+                  test="OLS slope of ln(mean response_std) on depth, t-test, one-sided",
+                  statistic=t, p=p_lt, p_opposite=p_gt,
+                  effect_name=f"fitted ratio of mean response_std, depth {d_hi} / {d_lo}",
+                  effect=float(np.exp(slope * span)), ci=_boot_trend_ci(trend, span),
+                  n=len(trend),
+                  says="mean response_std falls with depth among residual nets",
+                  opposite="mean response_std significantly rises with depth among residual nets")
+    parts.append(part2)
+    res = _decide(cid, parts, details=details, notes=notes)
+    if desc is not None:
+        res.tests = pd.DataFrame([p.row() for p in parts + [desc]])
+    return res
+
+
+def _boot_trend_ci(trend: pd.DataFrame, span: float) -> tuple[float, float]:
+    """Bootstrap CI of exp(slope * span), resampling runs within each depth (stratified)."""
+    groups = [np.log(g["mean_response_std"].to_numpy()) for _, g in trend.groupby("depth")]
+    x = np.concatenate([np.full(len(g), d, dtype=float) for d, g in zip(
+        sorted(trend["depth"].unique()), groups, strict=True)])
+    rng = _rng()
+    ys = np.concatenate([g[rng.integers(0, len(g), (N_BOOT, len(g)))] for g in groups], axis=1)
+    xc = x - x.mean()
+    slopes = ((ys - ys.mean(axis=1, keepdims=True)) * xc).sum(axis=1) / (xc * xc).sum()
+    return _ci(np.exp(slopes * span))
+
+
+def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
+    """Residual branches are small next to the shortcut, and residual blocks stay near identity.
+
+    "Most blocks have ratio < 1" is exactly "the median block's log ratio is < 0", so each run is
+    reduced to that median and the test runs over runs, not blocks.
+    """
+    cid = "near-identity"
+    sel = _select(runs, ["identity_gap"])
+    if sel.reason:
+        return _inconclusive(cid, sel.reason, sel.notes)
+    notes = list(sel.notes)
+    rows = []
+    for depth, rs in sorted(sel.residual.items()):
+        for r in rs:
+            v = r.final_layers("residual_ratio")
+            v = v[v["value"] > 0]
+            if v.empty:
+                notes.append(f"{r.name}: no residual_ratio rows")
+                continue
+            lr = np.log10(v["value"].to_numpy())
+            rows.append({"part": "residual_ratio", "depth": depth, "seed": r.seed,
+                         "residual_run": r.name, "blocks": len(v),
+                         "median_log10_ratio": float(np.median(lr)),
+                         "fraction_below_1": float((lr < 0).mean())})
+    part1_df = pd.DataFrame(rows)
+    if len(part1_df) < 2:
+        reason = ("no residual runs with residual_ratio (needs >= 2 runs)"
+                  if not sel.residual else "fewer than two residual runs with residual_ratio")
+        if not sel.residual:
+            reason = _counterpart_reason(sel, need_plain=False) or reason
+            reason = reason.replace("no residual counterpart for", "no residual net besides")
+            reason = "no residual runs to test (" + reason + ")"
+        return _inconclusive(cid, reason, notes, details=part1_df)
+    m = part1_df["median_log10_ratio"].to_numpy()
+    t, p_lt, p_gt = _t1(m, "less")
+    part1 = _Part(name="residual_ratio < 1 for most blocks",
+                  test="one-sample t-test on per-run median log10 ratio, one-sided",
+                  statistic=t, p=p_lt, p_opposite=p_gt,
+                  effect_name="typical block residual_ratio (10^mean of run medians)",
+                  effect=float(10 ** m.mean()), ci=boot_mean_ci(m, lambda v: 10 ** v), n=len(m),
+                  says="most blocks have residual_ratio < 1",
+                  opposite="most blocks have residual_ratio significantly > 1")
+    pairs, pair_notes = _pairs(sel)
+    notes += pair_notes
+    parts = [part1]
+    if not pairs:
+        reason = "identity_gap part: " + (_counterpart_reason(sel) or "no plain/residual pairs")
+        if part1.p_opposite < ALPHA:
+            return _result(cid, "contradicted", f"{part1.opposite} (p={part1.p_opposite:.3g})",
+                           part=part1, parts=parts, details=part1_df, notes=notes,
+                           p_value=part1.p_opposite)
+        return _inconclusive(cid, reason, notes, parts=parts, details=part1_df)
+    part2, gap_df, pooled = _paired_ratio_part(
+        pairs, "identity_gap", lambda _: True, "identity_gap resnet vs plain at matched blocks",
+        "identity_gap")
+    details = pd.concat([part1_df, gap_df.assign(part="identity_gap")], ignore_index=True)
+    if part2 is None:
+        reason = "fewer than two plain/residual pairs with identity_gap at matched blocks"
+        return _inconclusive(cid, reason, notes, parts=parts, details=details)
+    parts.append(part2)
+    res = _decide(cid, parts, details=details, notes=notes)
+    desc = _pooled_wilcoxon(pooled, "identity_gap, pooled blocks")
+    if desc is not None:
+        res.tests = pd.DataFrame([p.row() for p in parts + [desc]])
+    return res
+
+
+def bn_grad_slope(run: LoadedRun, steps: Sequence[int]) -> float:
+    """Least-squares slope of log10(response_grad_norm) on forward rank over 3x3-conv BNs.
+
+    Averaging log10 values over ``steps`` first; decades per layer; NaN with < 3 layers.
+    """
+    t = run.metric("response_grad_norm")
+    t = t[t["step"].isin(list(steps)) & (t["value"] > 0)]
+    t = t[t["layer"].astype(str).map(is_conv_bn)]
+    if t.empty:
+        return float("nan")
+    per = (t.assign(lv=np.log10(t["value"]), layer=t["layer"].astype(str))
+           .groupby("layer").agg(depth=("depth", "first"), lv=("lv", "mean"))
+           .sort_values("depth"))
+    if len(per) < 3:
+        return float("nan")
+    rank = np.arange(len(per), dtype=float)
+    return float(np.polyfit(rank, per["lv"].to_numpy(), 1)[0])
+
+
+def _early_steps(run: LoadedRun) -> np.ndarray:
+    steps = np.unique(run.metric("response_grad_norm")["step"].to_numpy())
+    if len(steps) == 0:
+        return steps
+    cutoff = EARLY_FRACTION * steps.max()
+    early = steps[steps <= cutoff]
+    return early if len(early) else steps[:1]
+
+
+def gradient_flow(runs: Sequence[LoadedRun]) -> ClaimResult:
+    """Gradient norms change through depth more in plain than in residual nets (|slope| test).
+
+    Early training is used because that is where plain nets' optimization difficulty starts; the
+    init and final slopes are listed for comparison.
+    """
+    cid = "gradient-flow"
+    sel = _select(runs, ["response_grad_norm"])
+    if sel.reason:
+        return _inconclusive(cid, sel.reason, sel.notes)
+    pairs, pair_notes = _pairs(sel)
+    notes = sel.notes + pair_notes
+    if not pairs:
+        return _inconclusive(cid, _counterpart_reason(sel) or "no plain/residual pairs", notes)
+    rows = []
+    for depth, seed, p, q in pairs:
+        row = {"depth": depth, "seed": seed, "plain_run": p.name, "residual_run": q.name}
+        for tag, run in (("plain", p), ("residual", q)):
+            last = int(run.metric("response_grad_norm")["step"].max())
+            row[f"slope_{tag}"] = bn_grad_slope(run, _early_steps(run))
+            row[f"slope_{tag}_init"] = bn_grad_slope(run, [0])
+            row[f"slope_{tag}_final"] = bn_grad_slope(run, [last])
+        row["d_abs_slope"] = abs(row["slope_plain"]) - abs(row["slope_residual"])
+        rows.append(row)
+    details = pd.DataFrame(rows)
+    d = details["d_abs_slope"].to_numpy()
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return _inconclusive(cid, "fewer than two plain/residual pairs with >= 3 BN layers of "
+                             "response_grad_norm", notes, details=details)
+    t, p_gt, p_lt = _t1(d, "greater")
+    part = _Part(name="|slope| plain - residual",
+                 test="one-sample t-test on per-pair |slope| difference, one-sided",
+                 statistic=t, p=p_gt, p_opposite=p_lt,
+                 effect_name="mean |slope| plain - residual (decades per layer)",
+                 effect=float(d.mean()), ci=boot_mean_ci(d), n=len(d),
+                 says="gradient norms change through depth more in plain nets",
+                 opposite="gradient norms change through depth more in residual nets")
+    return _decide(cid, [part], details=details, notes=notes)
+
+
+CLAIM_FUNCTIONS: dict[str, Callable[[Sequence[LoadedRun]], ClaimResult]] = {
+    "degradation": degradation,
+    "smaller-responses": smaller_responses,
+    "near-identity": near_identity,
+    "gradient-flow": gradient_flow,
+}
+
+
+def evaluate_claims(runset: RunSet, ids: Sequence[str] = CLAIMS) -> list[ClaimResult]:
+    """Test each claim within each dataset separately (never across datasets)."""
+    out = []
+    for dataset, runs in runset.by_dataset().items():
+        for cid in ids:
+            res = CLAIM_FUNCTIONS[cid](runs)
+            res.dataset = dataset
+            out.append(res)
+    return out
