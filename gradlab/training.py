@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from gradlab.config import ConfigError, TrainConfig
 from gradlab.data import Dataset, augment, batches, load_dataset, steps_per_epoch
 from gradlab.models import create_model, model_info
-from gradlab.probing import Probe
+from gradlab.probing import PendingFrame, Probe
 from gradlab.runs import MetricWriter, RunDir, RunError, git_commit, versions
 
 __all__ = ["train", "TrainResult", "resolve_device", "lr_at", "total_steps", "NonFiniteError"]
@@ -219,6 +219,96 @@ def _first_nonfinite(cols: dict[str, np.ndarray]) -> str | None:
     return None
 
 
+class Trainer:
+    """One model, optimizer and data set on a device, and the training step that gradlab runs.
+
+    Shared by :func:`train` and the benchmarks, so what the benchmarks time is the real loop.
+    The probe (when wanted) is attached here, before any ``torch.compile``, and records only on
+    logged steps.
+    """
+
+    def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device, *,
+                 probe: bool = True, total: int | None = None):
+        info = model_info(cfg.model)
+        self.cfg, self.data, self.device = cfg, data, device
+        self.amp, self.cl = fast_path(cfg, device)
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
+                             **({"shortcut": cfg.shortcut} if info.residual else {}),
+                             zero_init_residual=cfg.zero_init_residual).to(device)
+        if self.cl:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        # The multi-tensor (foreach) update is the fast path on CPU; fused kernels on CUDA.
+        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, **fused)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # augmentation draws, on CPU
+        self.probe = Probe(model, enabled=False) if probe else None
+        if self.probe is not None:
+            self.probe.attach()  # before compiling, so the compiled graph keeps the hooks
+        self.forward = torch.compile(model) if cfg.compile else model
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def step(self, idx: torch.Tensor, lr: float, logged: bool, *, check: bool = False
+             ) -> tuple[torch.Tensor, dict[str, np.ndarray] | None, bool]:
+        """Forward, backward, measure (on logged steps) and update.
+
+        Returns the loss (a device tensor), the logged step's host columns (None otherwise) and
+        whether the loss or a measurement was non-finite, in which case the update is NOT applied
+        and the caller decides. ``check`` tests the loss every step (free on CPU; on a GPU the
+        test waits for the logged step's one synchronization instead).
+        """
+        data, dev = self.data, self.device
+        idx = idx.to(dev, non_blocking=True)
+        x, y = data.train_x[idx], data.train_y[idx]
+        if self.cfg.augment:
+            x = augment(x, data.pad, data.flip, self.gen)
+        if self.cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._last = (x, y)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if self.probe is not None:
+            self.probe.enabled = logged
+        with _autocast(dev, self.amp):
+            out = self.forward(x)
+            loss = F.cross_entropy(out.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        cols = None
+        if logged:
+            acc = (out.detach().argmax(1) == y).float().mean()
+            scal = {"loss": loss.detach(), "accuracy": acc}
+            pending = (self.probe.snapshot() if self.probe is not None
+                       else PendingFrame(torch.zeros(0, device=dev), [], [], []))
+            cols = pending.extend(scal).to_host()  # sync: the one per logged step
+            bad = not np.isfinite(cols["value"]).all()
+        elif check:
+            bad = not bool(torch.isfinite(loss))  # sync: CPU only, where it costs nothing
+        else:
+            bad = False
+        if not bad:
+            self.opt.step()
+        return loss, cols, bad
+
+    def diagnose(self) -> dict[str, np.ndarray] | None:
+        """Measure the last batch again with the probe on (weights are unchanged: the failed
+        step was not applied) to find which layer went non-finite."""
+        if self.probe is None or self._last is None:
+            return None
+        x, y = self._last
+        self.probe.enabled = True
+        self.opt.zero_grad(set_to_none=True)
+        with _autocast(self.device, self.amp):
+            loss = F.cross_entropy(self.forward(x).float(), y)
+        loss.backward()
+        cols = self.probe.snapshot().extend({"loss": loss.detach()}).to_host()  # sync: failure
+        self.opt.zero_grad(set_to_none=True)
+        self.probe.enabled = False
+        return cols
+
+
 def run_info(cfg: TrainConfig, data: Dataset, model: nn.Module, device: torch.device,
              steps: int, amp: bool, cl: bool) -> dict[str, Any]:
     """The run.json fields that describe what is being trained."""
@@ -261,7 +351,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     name = name or f"{cfg.model}-{cfg.dataset}-s{cfg.seed}"
     _check_name(name)
     path = Path(out) / name
-    info = model_info(cfg.model)  # unknown model / bad depth: fail before touching the disk
+    model_info(cfg.model)  # unknown model / bad depth: fail before touching the disk
     device = resolve_device(cfg.device)
     if resume:
         rd = RunDir.open(path)
@@ -278,20 +368,8 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
         raise ConfigError(f"--every {cfg.every} is larger than the run ({steps} steps)")
     amp, cl = fast_path(cfg, device)
 
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
-                         **({"shortcut": cfg.shortcut} if info.residual else {}),
-                         zero_init_residual=cfg.zero_init_residual).to(device)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    opt_kwargs: dict[str, Any] = {}
-    if device.type == "cuda":
-        opt_kwargs["fused"] = True
-    else:
-        opt_kwargs["foreach"] = True
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, **opt_kwargs)
-    gen = torch.Generator().manual_seed(cfg.seed)  # augmentation randomness, drawn on CPU
+    tr = Trainer(cfg, data, device, probe=probe, total=steps)
+    model, opt, gen, prb = tr.model, tr.opt, tr.gen, tr.probe
     start = 0
     if resume:
         if state is not None:
@@ -312,10 +390,6 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
 
         dash = Dashboard(rd.tb_dir, rd.info)
     sink = _Sink(writer, dash)
-    prb = Probe(model, enabled=False) if probe else None
-    step_fn = model
-    if cfg.compile:
-        step_fn = torch.compile(model)  # hooks are attached before compiling (below)
     ckpt_every = cfg.checkpoint_every or max(cfg.every, min(1000, steps // 4 or 1))
     eval_every = cfg.eval_every or max(1, steps // 10)
     parts: list[str] = [p.name for p in sorted(rd.metrics_dir.glob("part-*.parquet"))]
@@ -327,7 +401,9 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     previous = _install_signal_handlers(stop_signal)
     bar = _Progress(progress, steps, start, name)
     try:
-        with (prb if prb is not None else contextlib.nullcontext()):
+        with contextlib.ExitStack() as stack:
+            if prb is not None:
+                stack.callback(prb.detach)
             model.train()
             it = batches(data.train_size, cfg.batch_size, cfg.seed, start_step=start)
             mark_t, mark_step = time.perf_counter(), start
@@ -336,47 +412,12 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                 if stop_signal:
                     status = "interrupted"
                     break
-                idx = next(it).to(device, non_blocking=True)
-                x = data.train_x[idx]
-                y = data.train_y[idx]
-                if cfg.augment:
-                    x = augment(x, data.pad, data.flip, gen)
-                if cl:
-                    x = x.contiguous(memory_format=torch.channels_last)
                 logged = step % cfg.every == 0 or step == steps - 1
                 lr = lr_at(cfg, step, steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                if prb is not None:
-                    prb.enabled = logged
-                with _autocast(device, amp):
-                    out_ = step_fn(x)
-                    loss = F.cross_entropy(out_.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                pending = None
-                if logged:
-                    acc = (out_.detach().argmax(1) == y).float().mean()
-                    scal = {"loss": loss.detach(), "accuracy": acc}
-                    if prb is not None:
-                        pending = prb.snapshot().extend(scal)
-                    else:
-                        from gradlab.probing.probe import PendingFrame
-
-                        pending = PendingFrame(torch.zeros(0, device=device), [], [], []
-                                               ).extend(scal)
-                # The loss check costs nothing on CPU; on an accelerator it waits for the logged
-                # step's one synchronization instead of stalling every step.
-                if device.type == "cpu" or logged:
-                    bad = not bool(torch.isfinite(loss))  # sync: CPU, or once per logged step
-                else:
-                    bad = False
-                cols = pending.to_host() if pending is not None else None  # sync: logged steps
-                if cols is not None and not bad:
-                    bad = not np.isfinite(cols["value"]).all()
+                loss, cols, bad = tr.step(next(it), lr, logged, check=device.type == "cpu")
                 if bad:
                     if cols is None:  # find the layer: measure this same batch once more
-                        cols = _diagnose(prb, step_fn, x, y, device, amp, opt)
+                        cols = tr.diagnose()
                     layer = _first_nonfinite(cols) if cols is not None else None
                     if cols is not None:
                         sink.put(step, cols)
@@ -391,7 +432,6 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                                "step": step, "layer": layer}
                     status = "failed"
                     break
-                opt.step()
                 if cols is not None:
                     now = time.perf_counter()
                     ips = (step - mark_step) * cfg.batch_size / (now - mark_t) if step > mark_step \
@@ -404,6 +444,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                 else:
                     bar.advance(step + 1)
                 done = step + 1
+                t_aside = time.perf_counter()  # evaluation and checkpoints are not training
                 if done % eval_every == 0 or done == steps:
                     tl, ta = _evaluate(model, data, cfg.batch_size, amp, cl, device)
                     ev = torch.stack((tl, ta)).cpu().numpy()  # sync: evaluation steps only
@@ -413,6 +454,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                     sink.flush()
                     parts = [p.name for p in sorted(rd.metrics_dir.glob("part-*.parquet"))]
                     ckpt.save(rd.checkpoint_dir / "last.pt", model, opt, gen, done, parts, cfg)
+                mark_t += time.perf_counter() - t_aside
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         failure = failure or {"reason": f"{type(e).__name__}: {e}", "step": None, "layer": None}
@@ -434,20 +476,6 @@ def _finish(sink: _Sink, rd: RunDir, dash, status: str, failure, final, bar, pre
             dash.close(final)
         rd.mark(status, failure=failure, final=final)
         _restore_signal_handlers(previous)
-
-
-def _diagnose(prb: Probe | None, step_fn, x, y, device, amp, opt) -> dict[str, np.ndarray] | None:
-    """Re-run a batch with the probe on to find which layer went non-finite (weights unchanged)."""
-    if prb is None:
-        return None
-    prb.enabled = True
-    opt.zero_grad(set_to_none=True)
-    with _autocast(device, amp):
-        loss = F.cross_entropy(step_fn(x).float(), y)
-    loss.backward()
-    cols = prb.snapshot().extend({"loss": loss.detach()}).to_host()  # sync: failure path only
-    opt.zero_grad(set_to_none=True)
-    return cols
 
 
 def _final_scalars(cols: dict[str, np.ndarray]) -> dict[str, float]:
