@@ -1,0 +1,282 @@
+"""The model registry and the CIFAR ResNet / plain family (He et al. 2015, section 4.2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gradlab
+from gradlab.models import (
+    BasicBlock,
+    CifarResNet,
+    ModelError,
+    ResidualAdd,
+    ShortcutA,
+    create_model,
+    list_models,
+    model_info,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: OpenMP threads cost far more than they save on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def weight_layers(model: nn.Module) -> list[str]:
+    """Conv and linear layers on the main path (shortcut projections are not counted as depth)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and ".shortcut" not in n]
+
+
+# -- registry ----------------------------------------------------------------------------------
+def test_list_models_has_the_paper_depths_in_natural_order() -> None:
+    names = list_models()
+    for fam in ("resnet", "plain"):
+        listed = [n for n in names if n.startswith(fam)]
+        assert listed == [f"{fam}{d}" for d in (20, 32, 44, 56, 110)]
+    assert gradlab.list_models() == names
+
+
+# Table 6 of He et al. (2015): #params of the CIFAR-10 ResNets.
+@pytest.mark.parametrize(("name", "paper"), [
+    pytest.param(n, p, id=n) for n, p in
+    [("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet44", 0.66e6), ("resnet56", 0.85e6),
+     ("resnet110", 1.7e6)]
+])
+def test_parameter_counts_match_table_6(name: str, paper: float) -> None:
+    got = n_params(create_model(name))
+    assert abs(got - paper) / paper < 0.03, f"{name}: {got} parameters, paper {paper:.0f}"
+
+
+@pytest.mark.parametrize("depth", [20, 26, 32, 56, 110])
+def test_depth_counts_weight_layers(depth: int) -> None:
+    for fam in ("resnet", "plain"):
+        m = create_model(f"{fam}{depth}")
+        assert len(weight_layers(m)) == depth, fam
+        n = (depth - 2) // 6
+        assert sum(isinstance(b, BasicBlock) for b in m.modules()) == 3 * n
+        assert [len(s) for s in (m.layer1, m.layer2, m.layer3)] == [n, n, n]
+
+
+def test_plain_is_resnet_without_shortcuts() -> None:
+    res, pl = create_model("resnet20"), create_model("plain20")
+    # Option A shortcuts have no parameters: the same parameter tensors, name for name.
+    assert {k: v.shape for k, v in res.state_dict().items()} == \
+        {k: v.shape for k, v in pl.state_dict().items()}
+    assert n_params(res) == n_params(pl)
+    assert weight_layers(res) == weight_layers(pl)
+    assert not any(isinstance(m, (ResidualAdd, ShortcutA)) for m in pl.modules())
+    assert not any(hasattr(b, "shortcut") for b in pl.modules() if isinstance(b, BasicBlock))
+    assert all(b.residual for b in res.modules() if isinstance(b, BasicBlock))
+    assert sum(isinstance(m, ResidualAdd) for m in res.modules()) == 9
+    # plain ignores a shortcut request instead of failing
+    assert n_params(create_model("plain20", shortcut="B")) == n_params(pl)
+
+
+def test_model_info() -> None:
+    assert model_info("resnet26") == gradlab.models.ModelInfo("resnet26", "resnet", 26, True)
+    assert model_info("plain44").residual is False
+
+
+def test_any_6n_plus_2_depth_builds_and_runs() -> None:
+    m = create_model("resnet26")
+    assert isinstance(m, CifarResNet) and m.depth == 26
+    assert "resnet26" not in list_models()  # works without being listed
+    out = m(torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize(("name", "hints"), [
+    ("resnet21", ["resnet20", "resnet26"]),
+    ("plain2", ["plain8"]),
+    ("resnet9", ["resnet8", "resnet14"]),
+    ("resnt20", ["resnet20"]),
+    ("plian56", ["plain56"]),
+    ("vgg16", []),
+    ("", []),
+])
+def test_bad_names_are_refused_with_one_line_and_close_names(name: str, hints: list[str]) -> None:
+    with pytest.raises(ModelError) as e:
+        create_model(name)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.strip() == msg and msg
+    for h in hints:
+        assert h in msg, msg
+    assert isinstance(e.value, ValueError)  # callers that catch ValueError keep working
+    with pytest.raises(ModelError):
+        model_info(name)
+
+
+def test_bad_shortcut_is_refused() -> None:
+    with pytest.raises(ValueError, match="shortcut"):
+        create_model("resnet20", shortcut="C")
+
+
+# -- shortcuts ---------------------------------------------------------------------------------
+def test_option_a_shortcut_is_subsample_and_zero_pad() -> None:
+    torch.manual_seed(0)
+    sc = ShortcutA(16, 32, 2)
+    assert n_params(sc) == 0 and not list(sc.buffers())
+    x = torch.randn(3, 16, 8, 8)
+    got = sc(x)
+    want = torch.zeros(3, 32, 4, 4)
+    for c in range(16):
+        for i in range(4):
+            for j in range(4):
+                want[:, c, i, j] = x[:, c, 2 * i, 2 * j]
+    assert torch.equal(got, want)
+
+
+def test_option_a_in_the_network() -> None:
+    m = create_model("resnet20")
+    for name in ("layer2.0", "layer3.0"):
+        block = m.get_submodule(name)
+        assert isinstance(block.shortcut, ShortcutA)
+    for name, block in m.named_modules():
+        if isinstance(block, BasicBlock) and name not in ("layer2.0", "layer3.0"):
+            assert isinstance(block.shortcut, nn.Identity), name
+    assert not [n for n, _ in m.named_parameters() if "shortcut" in n]
+
+
+def test_option_b_adds_a_1x1_projection_with_bn() -> None:
+    a, b = create_model("resnet20"), create_model("resnet20", shortcut="B")
+    for name, (cin, cout) in (("layer2.0", (16, 32)), ("layer3.0", (32, 64))):
+        sc = b.get_submodule(name).shortcut
+        assert isinstance(sc, nn.Sequential) and len(sc) == 2
+        conv, bn = sc
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+        assert conv.kernel_size == (1, 1) and conv.stride == (2, 2) and conv.bias is None
+        assert (conv.in_channels, conv.out_channels, bn.num_features) == (cin, cout, cout)
+    extra = (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+    assert n_params(b) - n_params(a) == extra
+    # identity shortcuts stay identities
+    assert isinstance(b.layer1[0].shortcut, nn.Identity)
+    assert isinstance(b.layer2[1].shortcut, nn.Identity)
+
+
+# -- no in-place operations --------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet20", "plain20"])
+def test_no_inplace_relu(name: str) -> None:
+    relus = [m for m in create_model(name).modules() if isinstance(m, nn.ReLU)]
+    assert relus and all(not r.inplace for r in relus)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("name", ["resnet20", "plain20"])
+def test_hooks_see_values_that_nothing_overwrites(name: str, shortcut: str) -> None:
+    """Every tensor a hook sees (inputs and outputs of every module) keeps its value to the end."""
+    torch.manual_seed(0)
+    model = create_model(name, shortcut=shortcut).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        plain_out = model(x)
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def pre(mod, args, n):
+        seen.extend((f"{n} in", a, a.clone()) for a in args if isinstance(a, torch.Tensor))
+
+    def post(mod, args, out, n):
+        seen.append((f"{n} out", out, out.clone()))
+
+    handles = []
+    for n, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)))
+        handles.append(mod.register_forward_hook(lambda m, a, o, n=n: post(m, a, o, n)))
+    try:
+        with torch.no_grad():
+            hooked_out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(hooked_out, plain_out)
+    assert len(seen) > 100
+    for what, ref, snapshot in seen:
+        assert torch.equal(ref, snapshot), f"{what} was modified in place"
+
+
+# -- initialization ----------------------------------------------------------------------------
+def test_kaiming_normal_init() -> None:
+    torch.manual_seed(0)
+    m = create_model("resnet56")
+    checked = 0
+    for name, mod in m.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            fan_out = mod.out_channels * mod.kernel_size[0] * mod.kernel_size[1]
+            want = math.sqrt(2.0 / fan_out)
+            w = mod.weight.detach()
+            # sampling error of a std over k values is about 1/sqrt(2k)
+            tol = 4 / math.sqrt(2 * w.numel())
+            assert abs(w.std().item() / want - 1) < tol, name
+            assert abs(w.mean().item()) < 4 * want / math.sqrt(w.numel()), name
+            assert mod.bias is None
+            checked += 1
+        elif isinstance(mod, nn.Linear):
+            want = math.sqrt(2.0 / mod.in_features)
+            tol = 4 / math.sqrt(2 * mod.weight.numel())
+            assert abs(mod.weight.std().item() / want - 1) < tol
+            assert torch.equal(mod.bias, torch.zeros_like(mod.bias))
+        elif isinstance(mod, nn.BatchNorm2d):
+            assert torch.equal(mod.weight, torch.ones_like(mod.weight))
+            assert torch.equal(mod.bias, torch.zeros_like(mod.bias))
+    assert checked == 55
+
+
+def test_init_is_seeded() -> None:
+    torch.manual_seed(3)
+    a = create_model("resnet20").state_dict()
+    torch.manual_seed(3)
+    b = create_model("resnet20").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_zero_init_residual_blocks_start_as_identity(shortcut: str, train: bool) -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet20", shortcut=shortcut, zero_init_residual=True).train(train)
+    blocks = {n: b for n, b in model.named_modules() if isinstance(b, BasicBlock)}
+    assert len(blocks) == 9
+    for b in blocks.values():
+        assert torch.equal(b.bn2.weight, torch.zeros_like(b.bn2.weight))
+    seen = {}
+    handles = [b.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
+               for n, b in blocks.items()]
+    try:
+        with torch.no_grad():
+            model(torch.randn(6, 3, 8, 8))
+            for n, (x, out) in seen.items():
+                sc = blocks[n].shortcut(x)  # for B in train mode: the same batch statistics
+                assert torch.equal(out, F.relu(sc)), n
+                if isinstance(blocks[n].shortcut, nn.Identity):
+                    assert torch.equal(out, x), n  # x >= 0 after the previous ReLU
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == 9
+
+
+def test_in_channels_and_num_classes() -> None:
+    m = create_model("plain32", in_channels=1, num_classes=7)
+    assert m.conv1.in_channels == 1 and m.fc.out_features == 7
+    assert m(torch.randn(5, 1, 8, 8)).shape == (5, 7)
+    with pytest.raises(RuntimeError):
+        m(torch.randn(5, 3, 8, 8))
+
+
+def test_outputs_do_not_depend_on_spatial_size() -> None:
+    m = create_model("resnet20").eval()
+    for size in (8, 16, 32):
+        assert m(torch.randn(2, 3, size, size)).shape == (2, 10)
