@@ -785,7 +785,7 @@ def gradient_flow(runs: Sequence[LoadedRun]) -> ClaimResult:
                  effect_name="mean |slope| plain - residual (decades per layer)",
                  effect=float(d.mean()), ci=boot_mean_ci(d), n=len(d),
                  says="gradient norms change through depth more in plain nets",
-                 opposite="gradient norms change through depth more in residual nets")
+                 opposite="gradient norms change through depth significantly more in residual nets")
     return _decide(cid, [part], details=details, notes=notes)
 
 

@@ -306,7 +306,7 @@ def load_runs(paths: Iterable[str | Path],
         except (RunError, ValueError) as e:
             # RunError messages start with the path already; keep only the reason.
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            reason = reason.removeprefix(f"{p}: ")
+            reason = reason.removeprefix(f"{p}: ").removeprefix(f"{p}/")
             skipped.append((str(p), reason))
     runs = _drop_duplicates(runs, skipped)
     if not runs:
