@@ -350,7 +350,7 @@ def _wait_for_runs(base: str, want: set[str], timeout: float = 45.0) -> list[str
 
 def test_real_tensorboard_serves_scalars_layout_and_hparams(runs):
     q = urllib.parse.quote
-    with launch(runs, host="127.0.0.1", port=0, reload_interval=1.0) as server:
+    with launch(runs, host="127.0.0.1", port=0, reload_interval=0) as server:
         base = server.url
         assert base.startswith("http://127.0.0.1:")
         _wait_for_runs(base, {"plain20/tb", "resnet20/tb"})
@@ -407,7 +407,7 @@ def test_serve_blocks_until_stopped(runs):
 
     def target() -> None:
         try:
-            serve(runs, port=0, on_ready=urls.append, stop=stop, reload_interval=1.0)
+            serve(runs, port=0, on_ready=urls.append, stop=stop, reload_interval=0)
         except BaseException as e:  # surfaced below
             errors.append(e)
 
