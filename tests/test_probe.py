@@ -1,0 +1,584 @@
+"""Probe: every metric against a brute-force reference, and the probe's hygiene.
+
+References are computed on an unprobed twin of the model (a deep copy): our own forward hooks
+capture the responses, ``torch.autograd.grad`` gives the gradient reaching them, the parameters'
+``.grad`` after an ordinary ``backward()`` gives the gradient norms, and a manual pass through each
+block's submodules in float64 gives F(x), shortcut(x) and H(x) for the block metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from gradlab import Probe, create_model
+from gradlab.data import load_dataset
+from gradlab.models import BasicBlock, ResidualAdd
+from gradlab.probing import PendingFrame
+
+HOOK_METRICS = {"response_std", "response_grad_norm", "residual_ratio", "residual_cosine",
+                "identity_gap"}
+LAYER_METRICS = ["grad_norm", "weight_norm", "response_std", "response_grad_norm",
+                 "residual_ratio", "residual_cosine", "identity_gap"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: OpenMP threads cost far more than they save on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- models under test -------------------------------------------------------------------------
+CASES: dict[str, dict] = {
+    "resnet20": {"name": "resnet20"},
+    "plain20": {"name": "plain20"},
+    "resnet20-shortcutB": {"name": "resnet20", "shortcut": "B"},
+    "resnet20-channels_last": {"name": "resnet20", "channels_last": True},
+    "resnet20-zero_init_residual": {"name": "resnet20", "zero_init_residual": True},
+}
+
+
+def build(case: str) -> nn.Module:
+    """The case's model on 1-channel digits, moved away from its initialization.
+
+    At init every BN has gamma 1, beta 0 and running statistics (0, 1), which would hide a wrong
+    between-channel term of response_std or the use of running statistics in eval mode.
+    """
+    kw = dict(CASES[case])
+    name = kw.pop("name")
+    cl = kw.pop("channels_last", False)
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=1, num_classes=10, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                mod.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                if not kw.get("zero_init_residual"):
+                    mod.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    mod.bias.copy_(torch.randn(c, generator=g) * 0.3)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_dataset("digits", seed=0)
+    return data.train_x[:16].clone(), data.train_y[:16].clone()
+
+
+def as_input(case: str, x: torch.Tensor) -> torch.Tensor:
+    if CASES[case].get("channels_last"):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# -- brute-force references --------------------------------------------------------------------
+def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.double().flatten(1).norm(dim=1)
+
+
+def manual_block(block: BasicBlock, x: torch.Tensor):
+    """F(x), shortcut(x) (None for plain blocks) and H(x), through the submodules one by one."""
+    f = block.bn2(block.conv2(block.relu1(block.bn1(block.conv1(x)))))
+    if block.residual:
+        s = block.shortcut(x)
+        return f, s, block.relu2(f + s)
+    return f, None, block.relu2(f)
+
+
+def response_modules(model: nn.Module) -> list[str]:
+    named = list(model.named_modules())
+    last_linear = [n for n, m in named if isinstance(m, nn.Linear)][-1]
+    return [n for n, m in named if isinstance(m, _BatchNorm) or n == last_linear]
+
+
+@dataclass
+class Measured:
+    frame: pd.DataFrame
+    ref: dict[tuple[str, str], float] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # forward order of every module, ours
+    loss_probed: float = 0.0
+    loss_ref: float = 0.0
+    manual_vs_captured: float = 0.0  # max |H_manual - H_captured| over the blocks
+
+
+def measure(case: str, train: bool, x: torch.Tensor, y: torch.Tensor) -> Measured:
+    model = build(case)
+    x = as_input(case, x)
+    twin = copy.deepcopy(model)                # the ordinary, unprobed model
+    manual = copy.deepcopy(model).double()     # for the manual block passes (float64)
+    for mod in (model, twin, manual):
+        mod.train(train)
+
+    # 1. The probed step.
+    with Probe(model) as probe:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        frame = probe.collect()
+    m = Measured(frame, loss_probed=loss.item())
+
+    # 2. The reference step on the twin, with our own hooks.
+    mods = dict(twin.named_modules())
+    responses: dict[str, torch.Tensor] = {}
+    block_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for name, mod in mods.items():
+        handles.append(mod.register_forward_pre_hook(
+            lambda mod_, args, name=name: m.order.append(name)))
+    for name in response_modules(twin):
+        handles.append(mods[name].register_forward_hook(
+            lambda mod_, args, out, name=name: responses.__setitem__(name, out)))
+    for name, mod in mods.items():
+        if isinstance(mod, BasicBlock):
+            handles.append(mod.register_forward_hook(
+                lambda mod_, args, out, name=name: block_io.__setitem__(
+                    name, (args[0].detach().clone(), out.detach().clone()))))
+    try:
+        loss = F.cross_entropy(twin(x), y)
+        names = list(responses)
+        grads = torch.autograd.grad(loss, [responses[n] for n in names], retain_graph=True)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    m.loss_ref = loss.item()
+    ref = m.ref
+    for name, g in zip(names, grads, strict=True):
+        ref[(name, "response_std")] = responses[name].detach().double().std().item()
+        ref[(name, "response_grad_norm")] = g.double().norm().item()
+    for name, mod in mods.items():
+        params = list(mod.parameters(recurse=False))
+        if params:
+            ref[(name, "grad_norm")] = math.sqrt(sum((p.grad.double() ** 2).sum().item()
+                                                     for p in params))
+            ref[(name, "weight_norm")] = math.sqrt(sum((p.detach().double() ** 2).sum().item()
+                                                       for p in params))
+    # 3. Manual passes through each block, in float64, on the block's own input.
+    worst = 0.0
+    with torch.no_grad():
+        for name, (xin, hout) in block_io.items():
+            f, s, h = manual_block(manual.get_submodule(name), xin.double())
+            worst = max(worst, (h - hout.double()).abs().max().item())
+            if s is not None:
+                nf, ns = per_sample_norm(f), per_sample_norm(s)
+                dot = (f.double() * s.double()).flatten(1).sum(1)
+                cos = torch.where(nf * ns > 0, dot / (nf * ns), torch.zeros_like(dot))
+                ref[(name, "residual_ratio")] = (nf / ns).mean().item()
+                ref[(name, "residual_cosine")] = cos.mean().item()
+            if h.shape == xin.shape:
+                ref[(name, "identity_gap")] = (per_sample_norm(h - xin.double())
+                                               / per_sample_norm(xin)).mean().item()
+    m.manual_vs_captured = worst
+    return m
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module", params=["train", "eval"])
+def mode(request) -> str:
+    return request.param
+
+
+_CACHE: dict[tuple[str, str], Measured] = {}
+
+
+@pytest.fixture
+def measured(case: str, mode: str, batch) -> Measured:
+    key = (case, mode)
+    if key not in _CACHE:
+        _CACHE[key] = measure(case, mode == "train", *batch)
+    return _CACHE[key]
+
+
+def rows(frame: pd.DataFrame, metric: str) -> pd.Series:
+    sub = frame[frame.metric == metric]
+    assert not sub.layer.duplicated().any(), f"{metric}: a layer appears twice"
+    return sub.set_index("layer")["value"]
+
+
+# Tolerances: the probe reduces in float32, the references in float64. residual_cosine is
+# compared absolutely: the probe takes <F, s> from ||F + s||^2 - ||F||^2 - ||s||^2.
+TOL = {"grad_norm": (1e-5, 1e-9), "weight_norm": (1e-6, 0), "response_std": (1e-5, 1e-7),
+       "response_grad_norm": (1e-5, 1e-9), "residual_ratio": (1e-5, 1e-7),
+       "residual_cosine": (0, 1e-5), "identity_gap": (1e-5, 1e-7)}
+
+
+# -- values against the references -------------------------------------------------------------
+def test_probe_does_not_change_the_step(measured: Measured) -> None:
+    assert measured.loss_probed == measured.loss_ref
+    assert measured.manual_vs_captured < 1e-4  # the manual block pass is the block's forward
+
+
+@pytest.mark.parametrize("metric", LAYER_METRICS)
+def test_metric_matches_reference(measured: Measured, metric: str) -> None:
+    got = rows(measured.frame, metric)
+    want = {layer: v for (layer, met), v in measured.ref.items() if met == metric}
+    assert set(got.index) == set(want), f"{metric}: layers differ"
+    rel, abs_ = TOL[metric]
+    bad = {layer: (got[layer], w) for layer, w in want.items()
+           if not math.isclose(got[layer], w, rel_tol=rel, abs_tol=abs_)}
+    assert not bad, f"{metric}: probe vs reference {bad}"
+    assert np.isfinite(got.to_numpy()).all()
+
+
+def test_row_counts(case: str, measured: Measured) -> None:
+    counts = measured.frame.metric.value_counts().to_dict()
+    model = build(case)
+    blocks = [b for b in model.modules() if isinstance(b, BasicBlock)]
+    with_params = [m for m in model.modules() if list(m.parameters(recurse=False))]
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    want = {"grad_norm": len(with_params), "weight_norm": len(with_params),
+            "response_std": n_bn + 1, "response_grad_norm": n_bn + 1,
+            "residual_ratio": sum(b.residual for b in blocks),
+            "residual_cosine": sum(b.residual for b in blocks),
+            "identity_gap": 7}
+    assert {k: v for k, v in want.items() if v} == counts
+    # the numbers for the paper's resnet20 / plain20, spelled out
+    spelled = {
+        "resnet20": (39, 20, 9, 7), "plain20": (39, 20, 0, 7), "resnet20-shortcutB": (43, 22, 9, 7),
+        "resnet20-channels_last": (39, 20, 9, 7), "resnet20-zero_init_residual": (39, 20, 9, 7),
+    }[case]
+    assert (want["grad_norm"], want["response_std"], want["residual_ratio"],
+            want["identity_gap"]) == spelled
+
+
+def test_columns_and_dtypes(measured: Measured) -> None:
+    f = measured.frame
+    assert list(f.columns) == ["layer", "depth", "metric", "value"]
+    assert f.depth.dtype == np.int32 and f.value.dtype == np.float64
+    assert set(f.metric) <= set(LAYER_METRICS)
+    assert (f.layer != "").all() and (f.depth >= 0).all()  # model-wide rows: none
+
+
+def test_depth_is_forward_order(measured: Measured) -> None:
+    f = measured.frame
+    depth = f.groupby("layer").depth.agg(["min", "max"])
+    assert (depth["min"] == depth["max"]).all(), "one layer, one depth"
+    depth = depth["min"]
+    assert depth.is_unique
+    ours = [n for n in dict.fromkeys(measured.order) if n in depth.index]
+    assert set(ours) == set(depth.index)
+    assert list(depth.sort_values().index) == ours
+    bn_like = set(f[f.metric == "response_std"].layer)  # the BNs and the final linear
+    bns = [n for n in ours if n in bn_like]
+    assert bns[-1] == "fc"
+    assert list(depth[bns]) == sorted(depth[bns])
+    # a block comes before what it contains
+    for block in set(f[f.metric == "identity_gap"].layer):
+        inside = [n for n in depth.index if n.startswith(block + ".")]
+        assert inside and all(depth[block] < depth[n] for n in inside)
+
+
+def test_zero_init_residual_values(batch) -> None:
+    m = _CACHE.get(("resnet20-zero_init_residual", "train")) or \
+        measure("resnet20-zero_init_residual", True, *batch)
+    f = m.frame
+    assert (rows(f, "residual_ratio") == 0).all()
+    assert (rows(f, "residual_cosine").abs() < 1e-6).all()
+    gaps = rows(f, "identity_gap")
+    assert (gaps == 0).all(), "identity blocks map x >= 0 to relu(x) = x"
+    std = rows(f, "response_std")
+    assert all(std[f"{b}.bn2"] == 0 for b in rows(f, "residual_ratio").index)
+
+
+# -- hygiene -----------------------------------------------------------------------------------
+def hooks_left(model: nn.Module) -> list[str]:
+    left = []
+    for name, mod in model.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                     "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+                     "_load_state_dict_pre_hooks"):
+            if getattr(mod, attr, None):
+                left.append(f"{name or '<root>'}.{attr}")
+    for name, p in model.named_parameters():
+        for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+            if getattr(p, attr, None):
+                left.append(f"{name}.{attr}")
+    return left
+
+
+def global_hooks() -> int:
+    from torch.nn.modules import module as mm
+
+    return sum(len(getattr(mm, a)) for a in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                             "_global_backward_hooks",
+                                             "_global_backward_pre_hooks"))
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(getattr(m, a)) for m in model.modules()
+               for a in ("_forward_hooks", "_forward_pre_hooks"))
+
+
+def step(model: nn.Module, x, y) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("case", ["resnet20", "plain20", "resnet20-shortcutB"])
+def test_no_hooks_left_after_exit(case: str, batch) -> None:
+    model = build(case)
+    before = global_hooks()
+    assert not hooks_left(model)
+    with Probe(model) as probe:
+        assert hook_count(model) > 0
+        step(model, *batch)
+        probe.collect()
+        step(model, *batch)  # second pass: after the order hooks have been dropped
+        probe.collect()
+    assert not hooks_left(model)
+    assert global_hooks() == before
+
+
+@pytest.mark.parametrize("first_pass", [True, False], ids=["first-pass", "later-pass"])
+def test_no_hooks_left_after_an_exception_mid_forward(first_pass: bool, batch) -> None:
+    model = build("resnet20")
+    probe = Probe(model)
+    if not first_pass:
+        with probe:
+            step(model, *batch)
+            probe.collect()
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    conv = model.layer2[1].conv2
+    conv.forward = boom  # the step raises halfway through the network
+    with pytest.raises(RuntimeError, match="boom"):
+        with probe:
+            step(model, *batch)
+    del conv.forward
+    assert not hooks_left(model)
+    # the probe (and a new one) still work afterwards, with the full set of rows
+    model.zero_grad(set_to_none=True)
+    for p in (probe, Probe(model)):
+        with p:
+            step(model, *batch)
+            frame = p.collect()
+        assert (frame.metric == "residual_ratio").sum() == 9
+        assert (frame.metric == "response_std").sum() == 20
+        assert not hooks_left(model)
+
+
+def test_no_hooks_left_after_an_exception_in_backward(batch) -> None:
+    model = build("resnet20")
+    x, y = batch
+
+    def fail(grad):
+        raise RuntimeError("backward boom")
+
+    with pytest.raises(RuntimeError, match="backward boom"):
+        with Probe(model):
+            out = model(x)
+            out.register_hook(fail)
+            F.cross_entropy(out, y).backward()
+    assert not hooks_left(model)
+
+
+def test_nested_probes(batch) -> None:
+    model = build("resnet20")
+    with Probe(model) as outer:
+        step(model, *batch)
+        first = outer.collect()
+        model.zero_grad(set_to_none=True)
+        alone = hook_count(model)
+        with Probe(model) as inner:
+            assert hook_count(model) > alone
+            step(model, *batch)
+            a, b = inner.collect(), outer.collect()
+        assert hook_count(model) == alone  # the inner probe removed only its own hooks
+        model.zero_grad(set_to_none=True)
+        step(model, *batch)
+        c = outer.collect()
+    assert not hooks_left(model)
+    pd.testing.assert_frame_equal(a, b)
+    assert set(a.metric) == set(LAYER_METRICS)
+    for f in (first, c):
+        assert f.metric.value_counts().to_dict() == a.metric.value_counts().to_dict()
+
+
+def test_disabled_probe_records_nothing(batch) -> None:
+    model = build("resnet20")
+    with Probe(model, enabled=False) as probe:
+        step(model, *batch)
+        frame = probe.collect()
+        # hooks record nothing; only the parameter norms read at collect() remain
+        assert not set(frame.metric) & HOOK_METRICS
+        assert set(frame.metric) <= {"grad_norm", "weight_norm"}
+        probe.enabled = True
+        model.zero_grad(set_to_none=True)
+        step(model, *batch)
+        assert set(probe.collect().metric) == set(LAYER_METRICS)
+    assert not hooks_left(model)
+
+
+def test_nothing_recorded_under_no_grad(batch) -> None:
+    model = build("resnet20")
+    x, y = batch
+    with Probe(model) as probe:
+        with torch.no_grad():
+            model(x)
+        assert not set(probe.collect().metric) & HOOK_METRICS
+        # an evaluation pass between backward and collect() leaves the step's values alone
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn_like(x))
+        model.train()
+        ref = copy.deepcopy(model)
+        step(model, x, y)
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn_like(x) * 3)
+        model.train()
+        got = probe.collect()
+        with Probe(ref) as p2:
+            step(ref, x, y)
+            want = p2.collect()
+    pd.testing.assert_frame_equal(got, want)
+
+
+def test_probe_works_on_any_module_and_user_residual_blocks() -> None:
+    class MyBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+            self.add = ResidualAdd()
+
+        def forward(self, x):
+            return self.add(self.lin(x), x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), MyBlock(), nn.Linear(6, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with Probe(model) as probe:
+        step(model, x, y)
+        f = probe.collect()
+    assert set(f[f.metric == "residual_ratio"].layer) == {"2"}
+    assert set(f[f.metric == "response_std"].layer) == {"1", "3"}  # the BN and the last Linear
+    assert set(f[f.metric == "identity_gap"].layer) == {"2"}
+    with torch.no_grad():
+        h = model[1](model[0](x))
+        fx = model[2].lin(h)
+        want = (fx.norm(dim=1) / h.norm(dim=1)).mean().item()
+        gap = ((fx + h - h).norm(dim=1) / h.norm(dim=1)).mean().item()
+    assert math.isclose(rows(f, "residual_ratio")["2"], want, rel_tol=1e-5)
+    assert math.isclose(rows(f, "identity_gap")["2"], gap, rel_tol=1e-5)
+    assert not hooks_left(model)
+
+
+# -- host transfers ----------------------------------------------------------------------------
+HOST_METHODS = ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__",
+                "__index__", "__array__", "to")
+
+
+def _to_host(args, kwargs) -> bool:
+    for a in (*args, kwargs.get("device")):
+        if isinstance(a, (str, torch.device)):
+            try:
+                return torch.device(a).type == "cpu"
+            except RuntimeError:
+                continue
+        if isinstance(a, torch.Tensor):
+            return a.device.type == "cpu"
+    return False
+
+
+@contextlib.contextmanager
+def count_host_calls():
+    """Count Python-level calls that copy a tensor to the host or read its value there."""
+    counts: collections.Counter = collections.Counter()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in HOST_METHODS:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapper(self, *a, __orig=orig, __name=name, **k):
+                if __name != "to" or _to_host(a, k):
+                    counts[__name] += 1
+                return __orig(self, *a, **k)
+
+            mp.setattr(torch.Tensor, name, wrapper)
+        yield counts
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_no_host_transfer_until_to_host(first: bool, batch) -> None:
+    model = build("resnet20").train()
+    x, y = batch
+    with Probe(model) as probe:
+        if not first:
+            step(model, x, y)
+            probe.snapshot()
+            model.zero_grad(set_to_none=True)
+        with count_host_calls() as counts:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            pending = probe.snapshot().extend({"loss": loss.detach()})
+        # .to(device) of a tensor already on the (cpu) device is not counted as a transfer
+        counts.pop("to", None)
+        assert sum(counts.values()) == 0, dict(counts)
+        with count_host_calls() as counts:
+            cols = pending.to_host()
+        assert counts == {"to": 1, "numpy": 1}, dict(counts)
+    assert isinstance(pending, PendingFrame) and cols["value"].dtype == np.float64
+    assert len(cols["value"]) == len(pending.layers) == 39 * 2 + 20 * 2 + 9 * 2 + 7 + 1
+
+
+def test_probed_step_runs_on_the_meta_device() -> None:
+    """On "meta" tensors have no data: any host read inside hooks or snapshot would raise."""
+    model = create_model("resnet20", shortcut="B").to("meta")
+    x = torch.randn(8, 3, 8, 8, device="meta")
+    y = torch.zeros(8, dtype=torch.long, device="meta")
+    with Probe(model) as probe:
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+            pending = probe.snapshot()
+    assert pending.values.device.type == "meta"
+    assert len(pending.metrics) == 43 * 2 + 22 * 2 + 9 * 2 + 7
+
+
+# -- probed and unprobed training --------------------------------------------------------------
+def test_probed_and_unprobed_training_end_bit_identical(tmp_path) -> None:
+    from gradlab.config import TrainConfig
+    from gradlab.runs import load_run
+    from gradlab.training import train
+
+    cfg = TrainConfig(model="resnet20", dataset="digits", steps=8, every=1, batch_size=16,
+                      eval_every=4, checkpoint_every=8, seed=3, device="cpu")
+    train(cfg, tmp_path, "probed", probe=True, dashboard=False)
+    train(cfg, tmp_path, "unprobed", probe=False, dashboard=False)
+    a = torch.load(tmp_path / "probed/checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "unprobed/checkpoints/last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ma, mb = load_run(tmp_path / "probed").metrics, load_run(tmp_path / "unprobed").metrics
+    assert set(ma.metric) >= HOOK_METRICS and not set(mb.metric) & HOOK_METRICS
+    key = ["step", "metric"]
+    la = ma[ma.metric.isin(["loss", "accuracy", "test_loss"])].sort_values(key)
+    lb = mb[mb.metric.isin(["loss", "accuracy", "test_loss"])].sort_values(key)
+    assert len(la) == 8 * 2 + 2
+    assert la.value.tolist() == lb.value.tolist()
