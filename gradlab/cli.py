@@ -208,6 +208,79 @@ def models() -> None:
     typer.echo("Any depth 6n+2 works too (e.g. resnet26); --shortcut B adds 1x1 projections.")
 
 
+def _print_report(rep) -> None:
+    for c in rep.claims:
+        why = f" ({c.reason})" if c.verdict == "inconclusive" and c.reason else ""
+        typer.echo(f"  {c.id:<18} {c.verdict}{why}")
+    for path, reason in rep.skipped:
+        typer.echo(f"  skipped {path}: {reason}", err=True)
+    for p in (rep.html_path, rep.pdf_path):
+        if p is not None:
+            typer.echo(f"wrote {p}")
+
+
+@app.command("run")
+def run_cmd(
+    suite: Annotated[str, typer.Argument(help="A bundled suite's name (near-identity, "
+                                              "he2015-cifar10) or the path of a suite TOML.")],
+    runs: Annotated[Path, typer.Option(help="Parent folder of the suites' runs.")] = Path("runs"),
+    reports: Annotated[Path, typer.Option(help="Parent folder of the suites' reports.")
+                       ] = Path("reports"),
+    format: Annotated[str, typer.Option(help="Report formats, comma-separated: html,pdf.")
+                      ] = "html,pdf",
+    no_report: Annotated[bool, typer.Option("--no-report", help="Train only.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run every run a probe suite needs (skipping completed ones, resuming interrupted ones),
+    then write its report to REPORTS/<suite>/."""
+    from gradlab.suites import run_suite
+
+    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    res = run_suite(suite, runs_root=runs, reports_root=reports, progress=not quiet,
+                    formats=formats, report=not no_report,
+                    on_run=lambda name, what: typer.echo(f"{what} {name}"))
+    typer.echo(f"suite {res.suite.name}: {len(res.trained)} trained, {len(res.resumed)} "
+               f"resumed, {len(res.skipped)} skipped, {len(res.failed)} failed "
+               f"({res.seconds:.0f} s) in {res.runs_dir}")
+    if res.report is not None:
+        _print_report(res.report)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories, or folders of runs "
+                                                        "(e.g. runs/near-identity).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: reports/<name of "
+                                                  "the first folder>).")] = None,
+    format: Annotated[str, typer.Option(help="Formats, comma-separated: html,pdf.")
+                      ] = "html,pdf",
+    claims: Annotated[str | None, typer.Option(help="Claims to test, comma-separated "
+                                                    "(default: all).")] = None,
+    title: Annotated[str | None, typer.Option(help="Report title.")] = None,
+) -> None:
+    """Test the claims on runs and write report.html (self-contained) and report.pdf."""
+    from gradlab.report import build_report
+
+    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    out = out or Path("reports") / (run_dirs[0].resolve().name or "report")
+    wanted = [c.strip() for c in claims.split(",")] if claims else None
+    rep = build_report(list(run_dirs), out, formats=formats, claims=wanted, title=title)
+    _print_report(rep)
+
+
+@app.command()
+def dashboard(
+    runs_dir: Annotated[Path, typer.Argument(help="A run directory or a folder of runs.")],
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 6006,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Start TensorBoard on the runs' event files; Ctrl-C stops it."""
+    from gradlab.dashboard import serve
+
+    serve(runs_dir, host=host, port=port,
+          on_ready=lambda url: typer.echo(f"TensorBoard at {url} (Ctrl-C to stop)"))
+
+
 def main() -> None:
     """Entry point of the ``gradlab`` script."""
     app()

@@ -1,0 +1,250 @@
+"""Probe suites: a TOML file declares models x seeds on one data set and the claims to test;
+:func:`run_suite` trains what is missing (skipping completed runs, resuming interrupted ones)
+and writes the report.
+
+Format (``probes/near-identity.toml``)::
+
+    name = "near-identity"
+    description = "..."
+    dataset = "digits"
+    models = ["plain20", "plain56", "resnet20", "resnet56"]
+    seeds = [0, 1, 2]
+    steps = 600
+    every = 10
+    claims = ["degradation", "smaller-responses", "near-identity", "gradient-flow"]
+
+    [train]            # any other TrainConfig field: lr, batch_size, warmup_steps, ...
+    warmup_steps = 50
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from gradlab.config import ConfigError, TrainConfig
+from gradlab.models import model_info
+
+__all__ = ["Suite", "SuiteError", "load_suite", "bundled_suites", "run_suite", "SuiteResult"]
+
+
+class SuiteError(ValueError):
+    """A suite that cannot be read or run; ``str(e)`` is one line for the CLI."""
+
+
+_TOP_KEYS = {"name": str, "description": str, "dataset": str, "models": list, "seeds": list,
+             "steps": int, "epochs": (int, float), "every": int, "claims": list, "train": dict,
+             "data_dir": str}
+# Fields a suite sets at its top level or that identify a run; [train] may set the others.
+_NOT_IN_TRAIN = {"model", "dataset", "seed", "steps", "epochs", "every", "data_dir", "extra"}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A parsed suite: which runs it needs and which claims it tests."""
+
+    name: str
+    dataset: str
+    models: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int | None
+    epochs: float | None
+    every: int
+    claims: tuple[str, ...]
+    train: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    data_dir: str | None = None
+    source: str = ""
+
+    def configs(self) -> list[tuple[str, TrainConfig]]:
+        """(run name, config) of every run, models in order, then seeds."""
+        out = []
+        for model in self.models:
+            for seed in self.seeds:
+                cfg = TrainConfig(model=model, dataset=self.dataset, seed=seed, steps=self.steps,
+                                  epochs=self.epochs, every=self.every, data_dir=self.data_dir,
+                                  **self.train)
+                out.append((f"{model}-s{seed}", cfg))
+        return out
+
+
+def bundled_suites() -> dict[str, Path]:
+    """Suites shipped with gradlab (``probes/*.toml``), by name; found after pip install too."""
+    found: dict[str, Path] = {}
+    try:
+        root = importlib.resources.files("gradlab._probes")
+        for entry in root.iterdir():
+            if entry.name.endswith(".toml"):
+                found[entry.name[:-5]] = Path(str(entry))
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    return dict(sorted(found.items()))
+
+
+def _resolve(spec: str | Path) -> Path:
+    p = Path(spec)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise SuiteError(f"suite file {p} not found")
+        return p
+    bundled = bundled_suites()
+    if str(spec) in bundled:
+        return bundled[str(spec)]
+    names = ", ".join(bundled) or "none"
+    raise SuiteError(f"unknown suite {str(spec)!r}: not a file, and not a bundled suite ({names})")
+
+
+def load_suite(spec: str | Path) -> Suite:
+    """Read and validate a suite from a path or a bundled suite's name."""
+    path = _resolve(spec)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise SuiteError(f"{path}: cannot read ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SuiteError(f"{path}: invalid TOML ({e})") from None
+    unknown = sorted(set(raw) - set(_TOP_KEYS))
+    if unknown:
+        raise SuiteError(f"{path}: unknown key(s) {', '.join(unknown)} (known: "
+                         f"{', '.join(sorted(_TOP_KEYS))}; training options go under [train])")
+    for key, typ in _TOP_KEYS.items():
+        if key in raw and (not isinstance(raw[key], typ) or isinstance(raw[key], bool)):
+            want = typ.__name__ if isinstance(typ, type) else "number"
+            raise SuiteError(f"{path}: {key} must be a {want}, got {raw[key]!r}")
+    for key in ("name", "dataset", "models", "seeds"):
+        if key not in raw:
+            raise SuiteError(f"{path}: missing required key {key!r}")
+    if not raw["models"] or not all(isinstance(m, str) for m in raw["models"]):
+        raise SuiteError(f"{path}: models must be a non-empty list of model names")
+    if not raw["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool)
+                                   for s in raw["seeds"]):
+        raise SuiteError(f"{path}: seeds must be a non-empty list of integers")
+    name = raw["name"]
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise SuiteError(f"{path}: name {name!r} must be a plain directory name")
+    for m in raw["models"]:
+        try:
+            model_info(m)
+        except ValueError as e:
+            raise SuiteError(f"{path}: {e}") from None
+    from gradlab.report import CLAIMS
+
+    claims = raw.get("claims", list(CLAIMS))
+    bad = [c for c in claims if c not in CLAIMS]
+    if bad or not all(isinstance(c, str) for c in claims):
+        raise SuiteError(f"{path}: unknown claim(s) {bad} (known: {', '.join(CLAIMS)})")
+    train = dict(raw.get("train", {}))
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)} 
+    for key, value in train.items():
+        if key not in fields or key in _NOT_IN_TRAIN:
+            allowed = sorted(set(fields) - _NOT_IN_TRAIN)
+            raise SuiteError(f"{path}: unknown [train] key {key!r} (allowed: "
+                             f"{', '.join(allowed)})")
+        default = getattr(TrainConfig(), key)
+        if isinstance(default, tuple) and isinstance(value, list):
+            train[key] = tuple(value)
+        elif default is not None and not _same_kind(default, value):
+            raise SuiteError(f"{path}: [train] {key} must be like {default!r}, got {value!r}")
+    suite = Suite(name=name, dataset=raw["dataset"], models=tuple(raw["models"]),
+                  seeds=tuple(raw["seeds"]), steps=raw.get("steps"), epochs=raw.get("epochs"),
+                  every=raw.get("every", 10), claims=tuple(claims), train=train,
+                  description=raw.get("description", ""), data_dir=raw.get("data_dir"),
+                  source=str(path))
+    try:
+        for _, cfg in suite.configs():
+            cfg.validate()
+    except (ConfigError, TypeError) as e:
+        raise SuiteError(f"{path}: {e}") from None
+    return suite
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+@dataclass
+class SuiteResult:
+    """What :func:`run_suite` did: runs trained, skipped, resumed, failed, and the report."""
+
+    suite: Suite
+    runs_dir: Path
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    report: Any = None
+    seconds: float = 0.0
+
+
+def run_suite(spec: str | Path, *, runs_root: Path = Path("runs"),
+              reports_root: Path = Path("reports"), progress: bool = False,
+              formats: tuple[str, ...] = ("html", "pdf"), report: bool = True,
+              on_run: Callable[[str, str], None] | None = None) -> SuiteResult:
+    """Run every run ``spec`` needs into ``runs_root/<suite>/`` and report to
+    ``reports_root/<suite>/``.
+
+    A completed run with the same configuration is skipped; an interrupted or still-"running"
+    one (killed) is resumed from its checkpoint; a run with a different configuration is an
+    error (delete it or change the suite's name), so a report never mixes settings silently.
+    A run that fails (non-finite loss) is kept as failed and shown by the report.
+    """
+    import time
+
+    from gradlab.runs import RunError, read_run_json
+    from gradlab.training import NonFiniteError, train
+
+    suite = load_suite(spec)
+    t0 = time.perf_counter()
+    runs_dir = Path(runs_root) / suite.name
+    result = SuiteResult(suite, runs_dir)
+    for run_name, cfg in suite.configs():
+        path = runs_dir / run_name
+        resume = False
+        if (path / "run.json").exists():
+            info = read_run_json(path)
+            if info.get("config") != cfg.to_dict():
+                raise SuiteError(f"{path} was trained with another configuration than suite "
+                                 f"{suite.name!r} asks for; move it away or rename the suite")
+            status = info.get("status")
+            if status == "completed" or (status == "failed" and info.get("failure", {})
+                                         and info["failure"].get("step") is not None):
+                result.skipped.append(run_name)
+                if on_run:
+                    on_run(run_name, "skipped")
+                continue
+            resume = True
+        if on_run:
+            on_run(run_name, "resuming" if resume else "training")
+        try:
+            train(cfg, runs_dir, run_name, resume=resume, progress=progress)
+        except NonFiniteError:
+            result.failed.append(run_name)
+            continue
+        except RunError:
+            raise
+        (result.resumed if resume else result.trained).append(run_name)
+    if report:
+        from gradlab.report import build_report
+
+        result.report = build_report([runs_dir], Path(reports_root) / suite.name,
+                                     formats=formats, claims=list(suite.claims),
+                                     title=f"gradlab report: {suite.name}")
+        try:
+            from gradlab.dashboard import write_report
+
+            result.report and write_report(runs_dir / "report", result.report.verdicts_markdown(),
+                                           result.report.figures)
+        except ImportError:
+            pass
+    result.seconds = time.perf_counter() - t0
+    return result
