@@ -1,0 +1,280 @@
+"""The training loop: schedule, logged steps, run.json, reproducibility and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from gradlab import create_model
+from gradlab.config import ConfigError, TrainConfig
+from gradlab.runs import load_run
+from gradlab.training import lr_at, total_steps, train
+
+HOOK_METRICS = {"grad_norm", "weight_norm", "response_std", "response_grad_norm",
+                "residual_ratio", "residual_cosine", "identity_gap"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: OpenMP threads cost far more than they save on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+BASE = TrainConfig(model="resnet20", dataset="digits", steps=8, every=3, batch_size=16,
+                   warmup_steps=2, eval_every=4, checkpoint_every=4, seed=0, device="cpu")
+
+
+def table(run_dir) -> pd.DataFrame:
+    """The metrics as pandas reads them, minus the wall-clock throughput, in a fixed order."""
+    df = pd.read_parquet(run_dir / "metrics")
+    df = df[df.metric != "images_per_s"]
+    return df.sort_values(["step", "metric", "layer"]).reset_index(drop=True)
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    result = train(BASE, out, "base", dashboard=False)
+    return result
+
+
+# -- schedule ----------------------------------------------------------------------------------
+def test_lr_schedule_milestones_at_half_and_three_quarters() -> None:
+    cfg = TrainConfig(lr=0.1)
+    got = [lr_at(cfg, s, 100) for s in (0, 49, 50, 74, 75, 99)]
+    assert got == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-12)
+    # the paper's 64k iterations: divided at 32k and 48k
+    assert lr_at(cfg, 31_999, 64_000) == 0.1
+    assert lr_at(cfg, 32_000, 64_000) == pytest.approx(0.01)
+    assert lr_at(cfg, 48_000, 64_000) == pytest.approx(0.001)
+
+
+def test_lr_warmup() -> None:
+    cfg = TrainConfig(lr=0.1, warmup_steps=400, warmup_lr=0.01)
+    assert [lr_at(cfg, s, 64_000) for s in (0, 399)] == [0.01, 0.01]
+    assert lr_at(cfg, 400, 64_000) == 0.1
+    assert lr_at(TrainConfig(lr=0.2, lr_decay=0.5, milestones=(0.25,)), 30, 100) == 0.1
+
+
+def test_total_steps() -> None:
+    assert total_steps(TrainConfig(steps=7, epochs=3), 1437) == 7
+    assert total_steps(TrainConfig(epochs=2, batch_size=100), 1437) == 2 * (1437 // 100)
+    assert total_steps(TrainConfig(epochs=0.01, batch_size=100), 1437) == 1
+    assert total_steps(TrainConfig(), 1437) == 600
+
+
+def test_logged_lr_follows_the_schedule(base) -> None:
+    df = table(base.run_dir)
+    lr = df[df.metric == "lr"].set_index("step").value
+    assert lr.to_dict() == {s: lr_at(BASE, s, 8) for s in (0, 3, 6, 7)}
+    assert lr[0] == 0.01 and lr[3] == 0.1 and lr[6] == pytest.approx(0.001)
+
+
+# -- what a run writes -------------------------------------------------------------------------
+def test_logged_steps(base) -> None:
+    df = table(base.run_dir)
+    assert sorted(df[df.metric == "loss"].step) == [0, 3, 6, 7]  # 0, every, ..., and the last
+    for s in (0, 3, 6, 7):
+        at = df[df.step == s]
+        assert HOOK_METRICS | {"loss", "accuracy", "lr"} <= set(at.metric), s
+        assert (at[at.metric == "residual_ratio"].shape[0]) == 9
+    assert set(df[df.metric.isin(HOOK_METRICS)].step) == {0, 3, 6, 7}
+    model_wide = df[df.layer == ""]
+    assert (model_wide.depth == -1).all()
+    assert set(model_wide.metric) == {"loss", "accuracy", "lr", "test_loss", "test_accuracy"}
+    assert (df[df.layer != ""].depth >= 0).all()
+    assert df.value.map(math.isfinite).all()
+
+
+def test_test_metrics_at_the_end(base) -> None:
+    df = table(base.run_dir)
+    for m in ("test_loss", "test_accuracy"):
+        rows = df[df.metric == m].set_index("step").value
+        assert sorted(rows.index) == [4, 8]  # every eval_every steps and after the last step
+        assert base.final[m] == pytest.approx(rows[8], rel=1e-6)
+    acc = df[df.metric.isin(["accuracy", "test_accuracy"])].value
+    assert ((acc >= 0) & (acc <= 1)).all()
+    assert base.status == "completed" and base.steps == 8
+
+
+def test_run_json(base) -> None:
+    info = json.loads((base.run_dir / "run.json").read_text())
+    assert info["schema_version"] == 1 and info["status"] == "completed"
+    assert info["finished"] and info["failure"] is None
+    assert info["config"] == BASE.to_dict()
+    assert TrainConfig.from_dict(info["config"]) == BASE
+    n = sum(p.numel() for p in create_model("resnet20", in_channels=1).parameters())
+    assert info["model"] == {"name": "resnet20", "family": "resnet", "depth": 20,
+                             "residual": True, "shortcut": "A", "parameters": n}
+    assert info["data"]["name"] == "digits" and info["data"]["channels"] == 1
+    assert info["data"]["num_classes"] == 10
+    assert info["data"]["train_size"] + info["data"]["test_size"] == 1797
+    assert info["versions"]["torch"] == torch.__version__
+    assert {"gradlab", "python"} <= set(info["versions"])
+    assert info["seed"] == 0 and info["total_steps"] == 8 and info["device"] == "cpu"
+    assert info["final"]["test_loss"] == pytest.approx(base.final["test_loss"])
+    assert load_run(base.run_dir).config == BASE.to_dict()
+
+
+def test_no_temporary_files_left(base) -> None:
+    hidden = [p for p in base.run_dir.rglob("*") if p.name.startswith(".")]
+    assert not hidden
+    assert sorted(p.name for p in (base.run_dir / "checkpoints").iterdir()) == ["last.pt"]
+
+
+# -- configuration -----------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [
+    TrainConfig(),
+    BASE,
+    TrainConfig(model="plain56", dataset="cifar10", data_dir="/data", epochs=1.5, lr=0.05,
+                milestones=(0.3, 0.6, 0.9), shortcut="B", zero_init_residual=True, amp="bf16",
+                channels_last="off", compile=True, augment=False, nonfinite="skip",
+                extra={"note": "x", "n": [1, 2]}),
+], ids=["defaults", "base", "everything-changed"])
+def test_config_round_trips(cfg: TrainConfig) -> None:
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert isinstance(TrainConfig.from_dict(cfg.to_dict()).milestones, tuple)
+
+
+def test_config_refuses_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match="bogus"):
+        TrainConfig.from_dict({**BASE.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("change", [
+    {"steps": 0}, {"steps": -3}, {"epochs": 0.0}, {"batch_size": 0}, {"lr": 0.0},
+    {"lr": float("nan")}, {"every": 0}, {"eval_every": 0}, {"checkpoint_every": -1},
+    {"warmup_steps": -1}, {"momentum": 1.0}, {"weight_decay": -1e-4}, {"milestones": (0.5, 1.0)},
+    {"shortcut": "C"}, {"amp": "fp8"}, {"channels_last": "yes"}, {"device": "tpu"},
+    {"nonfinite": "ignore"},
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_invalid_config_is_one_line(change: dict, tmp_path) -> None:
+    with pytest.raises(ConfigError) as e:
+        train(BASE.replace(**change), tmp_path, "x", dashboard=False)
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_every_larger_than_the_run_is_refused_before_writing(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="--every"):
+        train(BASE.replace(steps=5, every=6), tmp_path, "x", dashboard=False)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "a\\b"])
+def test_run_names_are_one_path_component(name: str, tmp_path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError):
+        train(BASE, out, name, dashboard=False)
+    assert not (tmp_path / "evil").exists() and not out.exists()
+
+
+# -- reproducibility and resume ----------------------------------------------------------------
+def test_same_seed_same_metrics_and_weights(base, tmp_path) -> None:
+    again = train(BASE, tmp_path, "again", dashboard=False)
+    pd.testing.assert_frame_equal(table(base.run_dir), table(again.run_dir))
+    a, b = weights(base.run_dir)["model"], weights(again.run_dir)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = train(BASE.replace(seed=1, steps=1, every=1), tmp_path, "other", dashboard=False)
+    lo = table(other.run_dir)
+    lb = table(base.run_dir)
+    assert lo[(lo.metric == "loss")].value.iloc[0] != lb[(lb.metric == "loss")].value.iloc[0]
+
+
+RESUME = TrainConfig(model="resnet20", dataset="digits", steps=9, every=2, batch_size=16,
+                     eval_every=3, checkpoint_every=4, seed=1, device="cpu")
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def interrupt_at(step: int):
+    """An on_model callback whose hook raises at the start of training step ``step``."""
+
+    def on_model(model):
+        seen = []
+
+        def pre(mod, args):
+            if mod.training and torch.is_grad_enabled():
+                if len(seen) == step:
+                    raise Interrupt(f"stopped at step {step}")
+                seen.append(1)
+
+        model.register_forward_pre_hook(pre)
+
+    return on_model
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return train(RESUME, tmp_path_factory.mktemp("full"), "run", dashboard=False).run_dir
+
+
+@pytest.mark.parametrize("stop", [7, 2], ids=["after-a-checkpoint", "before-any-checkpoint"])
+def test_resume_gives_the_uninterrupted_run(stop: int, uninterrupted, tmp_path) -> None:
+    with pytest.raises(Interrupt):
+        train(RESUME, tmp_path, "run", dashboard=False, on_model=interrupt_at(stop))
+    cut = tmp_path / "run"
+    info = json.loads((cut / "run.json").read_text())
+    assert info["status"] == "failed" and "Interrupt" in info["failure"]["reason"]
+    ckpt = cut / "checkpoints" / "last.pt"
+    if stop > 4:
+        assert weights(cut)["step"] == 4
+        # rows of steps 4..6 were written after the checkpoint: they are on disk before resume
+        assert table(cut).step.max() > 4
+    else:
+        assert not ckpt.exists()
+    # resume takes the saved config, whatever is passed
+    result = train(BASE.replace(seed=99), tmp_path, "run", resume=True, dashboard=False)
+    assert result.status == "completed" and result.steps == 9
+    info = json.loads((cut / "run.json").read_text())
+    assert info["status"] == "completed" and info["resumed_at"] == (4 if stop > 4 else 0)
+    assert info["config"] == RESUME.to_dict()
+
+    a, b = weights(uninterrupted), weights(cut)
+    assert a["step"] == b["step"] == 9
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+
+    raw = pd.read_parquet(cut / "metrics")
+    assert not raw.duplicated(["step", "layer", "metric"]).any(), "rows written twice"
+    pd.testing.assert_frame_equal(table(uninterrupted), table(cut))
+    loaded = load_run(cut).metrics
+    assert len(loaded) == len(raw)
+    assert sorted(raw[raw.metric == "loss"].step) == [0, 2, 4, 6, 8]
+
+
+def test_resume_needs_an_existing_run(tmp_path) -> None:
+    from gradlab.runs import RunError
+
+    with pytest.raises(RunError, match="no such run directory"):
+        train(BASE, tmp_path, "missing", resume=True, dashboard=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_existing_run_is_not_overwritten_without_force(base, tmp_path) -> None:
+    from gradlab.runs import RunError
+
+    first = train(BASE.replace(steps=1, every=1), tmp_path, "r", dashboard=False)
+    before = {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(RunError, match="already exists"):
+        train(BASE.replace(steps=1, every=1), tmp_path, "r", dashboard=False)
+    assert {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()} == before
+    forced = train(BASE.replace(steps=2, every=1), tmp_path, "r", force=True, dashboard=False)
+    assert sorted(table(forced.run_dir)[lambda d: d.metric == "loss"].step) == [0, 1]
