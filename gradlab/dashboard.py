@@ -25,8 +25,9 @@ What a run writes (under ``runs/<name>/tb``), and why it is shaped that way:
     residual blocks in a plain net), so a plain and a residual run compare side by side. This
     is the picture the papers draw (He et al. 2015, Fig. 7). A panel costs ~0.15 s of CPU, so a
     run draws at most ``max_images`` (50 by default), evenly over its planned steps plus the
-    final step, on a renderer thread of its own: neither training nor the metric writer waits.
-    TensorBoard is started with room for 100 images per tag (its default keeps only 10).
+    final step, on a renderer thread of its own, so neither training nor the metric writer
+    waits for it (matplotlib does hold the GIL while it draws: ~7 s of CPU over a whole run at
+    the default). TensorBoard is started with room for 100 images per tag (its default is 10).
   - a *histogram* per metric at every logged step (``<metric>/across_layers``; gradient norms
     as ``log10_<metric>/across_layers``): the distribution of the per-layer values, cheap
     enough for every step. The *Distributions* tab then shows how the spread across layers
@@ -70,12 +71,16 @@ __all__ = [
     "Dashboard",
     "DashboardError",
     "DashboardServer",
+    "DepthProfilePanel",
+    "FINAL_METRICS",
     "PROFILE_METRICS",
     "find_logdirs",
     "launch",
     "serve",
     "write_report",
     "layer_stage",
+    "render_depth_profile",
+    "run_hparams",
 ]
 
 #: Per-layer metrics drawn as depth profiles (images and histograms across layers).
@@ -942,6 +947,9 @@ def serve(logdir: Path, *, host: str = "127.0.0.1", port: int = 0,
           on_ready: Callable[[str], None] | None = None, reload_interval: float = 5.0,
           stop: threading.Event | None = None) -> None:
     """Serve TensorBoard over ``logdir`` until Ctrl-C (or ``stop`` is set), then shut down.
+
+    Runs are named by their path under ``logdir`` (``resnet56-digits-s0/tb``; a suite's report
+    is ``report``).
 
     Args:
         logdir: a runs directory (a suite's) or one run; every event file below it is a run.
