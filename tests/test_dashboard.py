@@ -32,6 +32,9 @@ from gradlab.dashboard import (
     write_report,
 )
 
+# TensorBoard's vendored bleach warns about its own html5lib sanitizer when the server starts.
+pytestmark = pytest.mark.filterwarnings("ignore:html5lib's sanitizer:DeprecationWarning")
+
 STEPS, EVERY = 40, 10
 FINAL = {"plain": {"loss": 0.9, "accuracy": 0.7, "test_loss": 1.0, "test_accuracy": 0.65},
          "resnet": {"loss": 0.4, "accuracy": 0.9, "test_loss": 0.5, "test_accuracy": 0.85,
