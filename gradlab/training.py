@@ -473,7 +473,7 @@ def _finish(sink: _Sink, rd: RunDir, dash, status: str, failure, final, bar, pre
     finally:
         sink.close()
         if dash is not None:
-            dash.close(final)
+            dash.close(final, status=status)
         rd.mark(status, failure=failure, final=final)
         _restore_signal_handlers(previous)
 
