@@ -679,12 +679,13 @@ def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
                          "fraction_below_1": float((lr < 0).mean())})
     part1_df = pd.DataFrame(rows)
     if len(part1_df) < 2:
-        reason = ("no residual runs with residual_ratio (needs >= 2 runs)"
-                  if not sel.residual else "fewer than two residual runs with residual_ratio")
-        if not sel.residual:
-            reason = _counterpart_reason(sel, need_plain=False) or reason
-            reason = reason.replace("no residual counterpart for", "no residual net besides")
-            reason = "no residual runs to test (" + reason + ")"
+        if sel.residual:
+            reason = "fewer than two residual runs with residual_ratio"
+        else:
+            plain = ", ".join(f"plain{d}" for d in sorted(sel.plain))
+            reason = f"no residual nets to test (only {plain})"
+            if sel.single_seed:
+                reason += f"; only one seed for {'; '.join(sel.single_seed)}"
         return _inconclusive(cid, reason, notes, details=part1_df)
     m = part1_df["median_log10_ratio"].to_numpy()
     t, p_lt, p_gt = _t1(m, "less")

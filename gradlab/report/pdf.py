@@ -45,6 +45,8 @@ __all__ = ["render_pdf", "plain_text"]
 
 _VERDICT_BG = {"supported": colors.HexColor("#d4f0e6"), "contradicted": colors.HexColor("#fbe1d3"),
                "inconclusive": colors.HexColor("#eeeeee")}
+# part, role, test, statistic, p_claimed, p_opposite, effect_name, effect, ci_low, ci_high, n
+_TEST_WIDTHS = (0.15, 0.06, 0.2, 0.06, 0.07, 0.07, 0.17, 0.06, 0.06, 0.06, 0.04)
 _TRANSLIT = {"\u2265": ">=", "\u2264": "<=", "\u2212": "-", "\u2013": "-", "\u2014": "-",
              "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2026": "...",
              "\u03b1": "alpha", "\u03c1": "rho", "\u2192": "->", "\u2248": "~"}
@@ -133,9 +135,13 @@ def render_pdf(claims: Sequence[ClaimResult], runset: RunSet,
     story += [PageBreak(), _p("Figures", st["h1"])]
     for i, (name, caption, png) in enumerate(figures, start=1):
         w, h = _png_size(png)
-        scale = min(width / w, (page[1] - 2 * margin - 3 * cm) / h)
+        # Two wide figures (with captions) to a landscape page: at most 58% of the text width and
+        # 42% of its height, about the figure's own size at 110 dpi. Tall figures (2x2 panels, the
+        # heatmap) would be too small that way and get most of a page.
+        frac = 0.42 if h / w < 0.6 else 0.8
+        scale = min((0.58 if frac < 0.5 else 1.0) * width / w, frac * (page[1] - 2 * margin) / h)
         story.append(KeepTogether([
-            Image(io.BytesIO(png), width=w * scale, height=h * scale),
+            Image(io.BytesIO(png), width=w * scale, height=h * scale, hAlign="LEFT"),
             _p(f"Figure {i} ({name}). {caption}", st["small"]), Spacer(1, 8)]))
     if not figures:
         story.append(_p("No figures (the runs hold none of the metrics they draw).", st["body"]))
@@ -157,7 +163,8 @@ def render_pdf(claims: Sequence[ClaimResult], runset: RunSet,
                  _p(f"Method: {c.method}", st["small"])]
         cols, rows, _ = frame_rows(c.tests)
         if rows:
-            block += [Spacer(1, 4), _table(cols, rows, st, None)]
+            fr = _TEST_WIDTHS if len(cols) == len(_TEST_WIDTHS) else [1 / len(cols)] * len(cols)
+            block += [Spacer(1, 4), _table(cols, rows, st, [f * width for f in fr])]
         for note in c.notes:
             block.append(_p(f"Note: {note}", st["small"]))
         story += block

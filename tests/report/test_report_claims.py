@@ -122,6 +122,14 @@ def test_no_plain_nets_at_all(tmp_path: Path) -> None:
             got[cid].reason
 
 
+def test_no_residual_nets_at_all(tmp_path: Path) -> None:
+    make_suite(tmp_path, models=("plain20", "plain56"))
+    got = _verdicts(tmp_path)
+    assert got["near-identity"].reason == "no residual nets to test (only plain20, plain56)"
+    assert got["gradient-flow"].reason == ("no residual counterpart for plain20; "
+                                           "no residual counterpart for plain56")
+
+
 def test_too_few_logged_steps_is_inconclusive(tmp_path: Path) -> None:
     make_suite(tmp_path, steps=30, every=10)  # 3 logged steps after init
     for cid, c in _verdicts(tmp_path).items():
