@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,11 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
-            ValueError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            ValueError, AttributeError, KeyError, IndexError, TypeError, struct.error) as e:
+        # The weights-only unpickler meets damaged bytes with whatever its parser hits first:
+        # b"hello" -> KeyError, b"(." -> IndexError, b"J" -> struct.error.
+        msg = str(e).strip()
+        first = f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
         raise RunError(f"{path}: corrupt or unreadable checkpoint ({first[:120]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise RunError(f"{path}: not a gradlab checkpoint of format {FORMAT}")

@@ -278,3 +278,24 @@ def test_existing_run_is_not_overwritten_without_force(base, tmp_path) -> None:
     assert {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()} == before
     forced = train(BASE.replace(steps=2, every=1), tmp_path, "r", force=True, dashboard=False)
     assert sorted(table(forced.run_dir)[lambda d: d.metric == "loss"].step) == [0, 1]
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda good: b"", id="empty"),
+    pytest.param(lambda good: b"hello", id="text"),
+    pytest.param(lambda good: b"(.", id="pickle-stack-underflow"),
+    pytest.param(lambda good: b"J", id="pickle-short-int"),
+    pytest.param(lambda good: b"\0" * 4096, id="zeros"),
+    pytest.param(lambda good: good[: len(good) // 2], id="truncated-half"),
+    pytest.param(lambda good: good[:100], id="truncated-header"),
+    pytest.param(lambda good: good[-4096:], id="tail-only"),
+])
+def test_damaged_checkpoint_is_a_one_line_run_error(damage, base, tmp_path) -> None:
+    from gradlab import checkpoint
+    from gradlab.runs import RunError
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(damage((base.run_dir / "checkpoints" / "last.pt").read_bytes()))
+    with pytest.raises(RunError) as e:
+        checkpoint.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
