@@ -426,7 +426,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                         skipped.append(step)
                         rd.save(skipped_steps=skipped)
                         continue
-                    what = "gradient" if math.isfinite(float(loss)) else "loss"
+                    what = "gradient" if math.isfinite(float(loss.detach())) else "loss"
                     where = f", first at layer {layer}" if layer else ""
                     failure = {"reason": f"non-finite {what} at step {step}{where}",
                                "step": step, "layer": layer}

@@ -246,3 +246,13 @@ def test_python_dash_m_gradlab_exit_code_and_one_line(tmp_path) -> None:
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     assert p.stderr.startswith("gradlab: error: resnet21") and not p.stdout
     assert not list(tmp_path.iterdir())
+
+
+def test_non_finite_run_exits_1_with_one_line(tmp_path) -> None:
+    result = invoke("probe", "--model", "resnet20", "--steps", 4, "--every", 2, "--lr", 1e30,
+                    "--batch-size", 16, "--device", "cpu", "--no-tensorboard", "-q",
+                    "--out", tmp_path, "--name", "nan")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradlab: run failed: non-finite")
+    assert json.loads((tmp_path / "nan" / "run.json").read_text())["status"] == "failed"

@@ -582,3 +582,33 @@ def test_probed_and_unprobed_training_end_bit_identical(tmp_path) -> None:
     lb = mb[mb.metric.isin(["loss", "accuracy", "test_loss"])].sort_values(key)
     assert len(la) == 8 * 2 + 2
     assert la.value.tolist() == lb.value.tolist()
+
+
+@pytest.mark.parametrize("bn_kwargs", [
+    pytest.param({}, id="default"),
+    pytest.param({"momentum": None}, id="cumulative-average"),
+    pytest.param({"momentum": 0.5}, id="momentum-0.5"),
+    pytest.param({"affine": False}, id="no-affine"),
+    pytest.param({"track_running_stats": False}, id="no-running-stats"),
+    pytest.param({"eps": 0.1}, id="large-eps"),
+])
+def test_bn_response_std_over_several_steps(bn_kwargs: dict) -> None:
+    """The running-variance inversion holds for every BN setting, step after step."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, **bn_kwargs)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), bn, nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    seen = []
+    handle = bn.register_forward_hook(lambda m, a, o: seen.append(o.detach().double().std()))
+    try:
+        with Probe(model) as probe:
+            for i in range(3):
+                x = torch.randn(5, 2, 8, 8) * (i + 1) + i
+                step(model, x, torch.zeros(5, dtype=torch.long))
+                got = rows(probe.collect(), "response_std")["1"]
+                assert math.isclose(got, seen[-1].item(), rel_tol=1e-5), (i, got, seen[-1])
+    finally:
+        handle.remove()

@@ -299,3 +299,21 @@ def test_damaged_checkpoint_is_a_one_line_run_error(damage, base, tmp_path) -> N
     with pytest.raises(RunError) as e:
         checkpoint.load(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_non_finite_loss_stops_the_run_quietly(tmp_path) -> None:
+    import warnings
+
+    from gradlab.training import NonFiniteError
+
+    cfg = BASE.replace(steps=4, every=2, lr=1e30, warmup_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failure is reported once, not with warnings
+        with pytest.raises(NonFiniteError) as e:
+            train(cfg, tmp_path, "nan", dashboard=False)
+    assert "non-finite" in str(e.value) and "step 1" in str(e.value)
+    info = json.loads((tmp_path / "nan" / "run.json").read_text())
+    assert info["status"] == "failed" and info["failure"]["step"] == 1
+    assert info["failure"]["layer"]
+    df = table(tmp_path / "nan")
+    assert 1 in set(df.step)  # the failing step's measurements are kept for diagnosis
