@@ -1,17 +1,31 @@
-"""gradlab: measure gradient and signal flow in deep plain and residual networks as they train."""
+"""gradlab: measure gradient and signal flow in deep plain and residual networks as they train.
 
-from gradlab.models import create_model, list_models, register_model
-from gradlab.probing import Probe
+The public API (``create_model``, ``list_models``, ``register_model``, ``Probe``, ``load_run``)
+is imported lazily, so that reading run directories (reports) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "register_model", "Probe", "load_run", "__version__"]
+_API = {
+    "create_model": "gradlab.models",
+    "list_models": "gradlab.models",
+    "register_model": "gradlab.models",
+    "Probe": "gradlab.probing",
+    "load_run": "gradlab.runs",
+}
+
+__all__ = [*_API, "__version__"]
 
 
 def __getattr__(name: str):
-    # load_run pulls in pandas/pyarrow; import it lazily so `import gradlab` stays light.
-    if name == "load_run":
-        from gradlab.runs import load_run
-
-        return load_run
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'gradlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
