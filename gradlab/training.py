@@ -355,10 +355,15 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     device = resolve_device(cfg.device)
     if resume:
         rd = RunDir.open(path)
-        saved = TrainConfig.from_dict(rd.info.get("config", {}))
-        state = ckpt.load(rd.checkpoint_dir / "last.pt") if (rd.checkpoint_dir /
-                                                                 "last.pt").exists() else None
-        cfg = saved
+        if not isinstance(rd.info.get("config"), dict):
+            raise RunError(f"{path}/run.json has no config to resume from")
+        # The run continues with the configuration it was started with, not today's options.
+        cfg = TrainConfig.from_dict(rd.info["config"]).validate()
+        last = rd.checkpoint_dir / "last.pt"
+        state = ckpt.load(last) if last.exists() else None
+        if state is not None and state.get("config") != rd.info["config"]:
+            raise RunError(f"{last} was written by another run (its config differs from "
+                           f"{path}/run.json)")
     elif path.exists() and any(path.iterdir()) and not force:
         raise RunError(f"run directory {path} already exists; use --resume to continue it or "
                        "--force to start it again")
