@@ -42,7 +42,11 @@ _TOP_KEYS = {"name": str, "description": str, "dataset": str, "models": list, "s
              "steps": int, "epochs": (int, float), "every": int, "claims": list, "train": dict,
              "data_dir": str}
 # Fields a suite sets at its top level or that identify a run; [train] may set the others.
+_KIND_NAMES = {str: "a string", int: "an integer", (int, float): "a number", list: "a list",
+               dict: "a table"}
 _NOT_IN_TRAIN = {"model", "dataset", "seed", "steps", "epochs", "every", "data_dir", "extra"}
+# An example value of the [train] fields whose default is None (so the default cannot tell).
+_OPTIONAL_KIND = {"eval_every": 1, "checkpoint_every": 1}
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,7 @@ def load_suite(spec: str | Path) -> Suite:
                          f"{', '.join(sorted(_TOP_KEYS))}; training options go under [train])")
     for key, typ in _TOP_KEYS.items():
         if key in raw and (not isinstance(raw[key], typ) or isinstance(raw[key], bool)):
-            want = typ.__name__ if isinstance(typ, type) else "number"
-            raise SuiteError(f"{path}: {key} must be a {want}, got {raw[key]!r}")
+            raise SuiteError(f"{path}: {key} must be {_KIND_NAMES[typ]}, got {raw[key]!r}")
     for key in ("name", "dataset", "models", "seeds"):
         if key not in raw:
             raise SuiteError(f"{path}: missing required key {key!r}")
@@ -125,6 +128,14 @@ def load_suite(spec: str | Path) -> Suite:
     if not raw["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool)
                                    for s in raw["seeds"]):
         raise SuiteError(f"{path}: seeds must be a non-empty list of integers")
+    from gradlab.data import DATASETS
+
+    if raw["dataset"] not in DATASETS:
+        raise SuiteError(f"{path}: unknown dataset {raw['dataset']!r} (choose one of: "
+                         f"{', '.join(DATASETS)})")
+    if "steps" in raw and "every" in raw and raw["every"] > raw["steps"] > 0:
+        raise SuiteError(f"{path}: every = {raw['every']} is larger than the run "
+                         f"({raw['steps']} steps)")
     name = raw["name"]
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise SuiteError(f"{path}: name {name!r} must be a plain directory name")
@@ -140,7 +151,7 @@ def load_suite(spec: str | Path) -> Suite:
     if bad or not all(isinstance(c, str) for c in claims):
         raise SuiteError(f"{path}: unknown claim(s) {bad} (known: {', '.join(CLAIMS)})")
     train = dict(raw.get("train", {}))
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)} 
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for key, value in train.items():
         if key not in fields or key in _NOT_IN_TRAIN:
             allowed = sorted(set(fields) - _NOT_IN_TRAIN)
@@ -148,9 +159,15 @@ def load_suite(spec: str | Path) -> Suite:
                              f"{', '.join(allowed)})")
         default = getattr(TrainConfig(), key)
         if isinstance(default, tuple) and isinstance(value, list):
+            if not all(_same_kind(default[0], v) for v in value):
+                raise SuiteError(f"{path}: [train] {key} must be a list like {list(default)!r}, "
+                                 f"got {value!r}")
             train[key] = tuple(value)
         elif default is not None and not _same_kind(default, value):
             raise SuiteError(f"{path}: [train] {key} must be like {default!r}, got {value!r}")
+        elif key in _OPTIONAL_KIND and not _same_kind(_OPTIONAL_KIND[key], value):
+            raise SuiteError(f"{path}: [train] {key} must be "
+                             f"{_KIND_NAMES[type(_OPTIONAL_KIND[key])]}, got {value!r}")
     suite = Suite(name=name, dataset=raw["dataset"], models=tuple(raw["models"]),
                   seeds=tuple(raw["seeds"]), steps=raw.get("steps"), epochs=raw.get("epochs"),
                   every=raw.get("every", 10), claims=tuple(claims), train=train,

@@ -204,14 +204,24 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def _first_nonfinite(cols: dict[str, np.ndarray]) -> str | None:
-    """The layer that went non-finite first: the earliest non-finite response in forward order,
-    else the deepest non-finite gradient (backward runs from the last layer to the first)."""
+    """The layer that went non-finite first: the earliest non-finite output in forward order,
+    else the deepest non-finite gradient (backward runs from the last layer to the first).
+
+    ``depth`` orders modules by when their forward starts, but a block's output (residual_ratio,
+    identity_gap) exists only after its own layers' outputs; so outputs are ordered by when
+    their forward ends: a module ranks just after its last submodule.
+    """
     vals, metrics, layers, depths = cols["value"], cols["metric"], cols["layer"], cols["depth"]
     bad = ~np.isfinite(vals) & (depths >= 0)
     fwd = bad & np.isin(metrics, ["response_std", "residual_ratio", "identity_gap"])
     if fwd.any():
-        i = np.flatnonzero(fwd)[np.argmin(depths[fwd])]
-        return str(layers[i])
+        depth_of = dict(zip(layers[depths >= 0], depths[depths >= 0], strict=True))
+
+        def ends(name: str) -> tuple[int, int]:
+            inner = [d for n, d in depth_of.items() if n == name or n.startswith(name + ".")]
+            return max(inner), -name.count(".")
+
+        return str(min({str(n) for n in layers[fwd]}, key=ends))
     bwd = bad & np.isin(metrics, ["response_grad_norm", "grad_norm"])
     if bwd.any():
         i = np.flatnonzero(bwd)[np.argmax(depths[bwd])]
@@ -256,8 +266,8 @@ class Trainer:
 
         Returns the loss (a device tensor), the logged step's host columns (None otherwise) and
         whether the loss or a measurement was non-finite, in which case the update is NOT applied
-        and the caller decides. ``check`` tests the loss every step (free on CPU; on a GPU the
-        test waits for the logged step's one synchronization instead).
+        and the caller decides. ``check`` tests the loss and every gradient on every step (free
+        on CPU; on a GPU the test waits for the logged step's one synchronization instead).
         """
         data, dev = self.data, self.device
         idx = idx.to(dev, non_blocking=True)
@@ -285,7 +295,11 @@ class Trainer:
             cols = pending.extend(scal).to_host()  # sync: the one per logged step
             bad = not np.isfinite(cols["value"]).all()
         elif check:
-            bad = not bool(torch.isfinite(loss))  # sync: CPU only, where it costs nothing
+            # A gradient can go non-finite while the loss is finite (an overflow in one layer's
+            # backward); applying it would poison the weights and blame a later step.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norms = torch.stack([loss.detach().float(), *torch._foreach_norm(grads)])
+            bad = not bool(torch.isfinite(norms).all())  # sync: CPU only, where it costs nothing
         else:
             bad = False
         if not bad:
@@ -412,10 +426,16 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
             model.train()
             it = batches(data.train_size, cfg.batch_size, cfg.seed, start_step=start)
             mark_t, mark_step = time.perf_counter(), start
-            skipped: list[int] = list(rd.info.get("skipped_steps", []))
+            # A resumed run repeats the steps after its checkpoint, skipped ones included.
+            skipped: list[int] = [s for s in rd.info.get("skipped_steps", []) if s < start]
             for step in range(start, steps):
                 if stop_signal:
+                    # Stopped between steps: save this point too, so that --resume repeats
+                    # nothing and no written row is set aside.
                     status = "interrupted"
+                    sink.flush()
+                    parts = [p.name for p in sorted(rd.metrics_dir.glob("part-*.parquet"))]
+                    ckpt.save(rd.checkpoint_dir / "last.pt", model, opt, gen, step, parts, cfg)
                     break
                 logged = step % cfg.every == 0 or step == steps - 1
                 lr = lr_at(cfg, step, steps)
@@ -426,18 +446,20 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                     layer = _first_nonfinite(cols) if cols is not None else None
                     if cols is not None:
                         sink.put(step, cols)
-                    if cfg.nonfinite == "skip":
-                        opt.zero_grad(set_to_none=True)
-                        skipped.append(step)
-                        rd.save(skipped_steps=skipped)
-                        continue
-                    what = "gradient" if math.isfinite(float(loss.detach())) else "loss"
-                    where = f", first at layer {layer}" if layer else ""
-                    failure = {"reason": f"non-finite {what} at step {step}{where}",
-                               "step": step, "layer": layer}
-                    status = "failed"
-                    break
-                if cols is not None:
+                    if cfg.nonfinite != "skip":
+                        what = "gradient" if math.isfinite(float(loss.detach())) else "loss"
+                        where = f", first at layer {layer}" if layer else ""
+                        failure = {"reason": f"non-finite {what} at step {step}{where}",
+                                   "step": step, "layer": layer}
+                        status = "failed"
+                        break
+                    # Skipped: no update, but the step still counts (schedule, data order,
+                    # evaluation and checkpoints stay where an unskipped run has them).
+                    opt.zero_grad(set_to_none=True)
+                    skipped.append(step)
+                    rd.save(skipped_steps=skipped)
+                    bar.advance(step + 1)
+                elif cols is not None:
                     now = time.perf_counter()
                     ips = (step - mark_step) * cfg.batch_size / (now - mark_t) if step > mark_step \
                         else float("nan")
@@ -522,22 +544,30 @@ def _clear_partial(rd: RunDir) -> None:
 
 
 def _install_signal_handlers(flag: list[int]):
-    """SIGTERM stops the loop at the next step boundary; the run is flushed and marked."""
+    """SIGTERM and SIGINT (Ctrl-C) stop the loop at the next step boundary; the run is flushed,
+    checkpointed and marked interrupted. A second SIGINT raises KeyboardInterrupt at once."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in flag:
+            raise KeyboardInterrupt
         flag.append(signum)
 
+    previous = {}
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
     except (ValueError, OSError):
+        _restore_signal_handlers(previous)
         return None
+    return previous
 
 
 def _restore_signal_handlers(previous) -> None:
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, previous)
+    if previous and threading.current_thread() is threading.main_thread():
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class _Progress:

@@ -122,9 +122,10 @@ def build_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     _check_choice("format", formats, FORMATS)
     _check_choice("claim", ids, CLAIMS)
     out_dir = Path(out_dir)
-    if formats:
-        _writable_dir(out_dir)
+    # Runs first: bad input must not leave an empty report folder behind.
     runset = load_runs([Path(p) for p in paths])
+    if formats:
+        _writable_dir(out_dir)  # before the figures, the slow part
     results = evaluate_claims(runset, ids)
 
     from gradlab import __version__

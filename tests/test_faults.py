@@ -1,0 +1,553 @@
+"""Runs that survive faults and bad input, and lose nothing.
+
+* Real ``gradlab probe`` subprocesses killed with SIGKILL, SIGTERM and SIGINT mid-run: the run
+  directory stays readable, and ``--resume`` ends with the weights and the metrics table of a run
+  that was never stopped.
+* A non-finite gradient (or response) injected at a known layer and step: the run stops there,
+  names that layer, keeps every row up to it, and the report shows why; ``skip`` skips the step.
+* Bad input the user can give (files, folders, options): one stderr line, exit code 2, nothing on
+  disk changed. Cases already in tests/test_cli.py (unknown model, 6n+2 depth, --steps <= 0,
+  --every larger than the run, a file as --out, corrupt/truncated checkpoint, other
+  schema_version on --resume, existing run, --name escaping --out, missing CIFAR offline) are not
+  repeated here; suite files are in tests/test_suites.py.
+* Safe loading: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradlab.cli import app
+from gradlab.config import TrainConfig
+from gradlab.runs import load_run
+from gradlab.training import NonFiniteError, train
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: OpenMP threads cost far more than they save on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def table(run_dir: Path) -> pd.DataFrame:
+    """The metrics as pandas reads them, minus the wall-clock throughput, in a fixed order."""
+    df = pd.read_parquet(run_dir / "metrics")
+    df = df[df.metric != "images_per_s"]
+    return df.sort_values(["step", "metric", "layer"]).reset_index(drop=True)
+
+
+def checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Final weights, optimizer state and metrics table of two runs are exactly equal."""
+    ca, cb = checkpoint(a), checkpoint(b)
+    assert ca["step"] == cb["step"]
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    raw = pd.read_parquet(b / "metrics")
+    assert not raw.duplicated(["step", "layer", "metric"]).any(), "rows written twice"
+    pd.testing.assert_frame_equal(table(a), table(b))
+
+
+def snapshot(root: Path) -> dict[str, str | None]:
+    """sha256 of every file under ``root`` (folders as None), to prove nothing changed."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest()
+                                       if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def one_line_error(result, *words: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gradlab: error: ") and "Traceback" not in result.output
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+    return lines[0]
+
+
+# -- killed mid-run: SIGKILL, SIGTERM, SIGINT ----------------------------------------------------
+# 60 steps, a checkpoint every 10: the signal lands between checkpoints, with rows buffered.
+STEPS, CKPT_EVERY = 60, 10
+PROBE = ["probe", "--model", "resnet20", "--dataset", "digits", "--steps", STEPS, "--every", 2,
+         "--checkpoint-every", CKPT_EVERY, "--batch-size", 32, "--seed", 3, "--device", "cpu",
+         "-q"]
+SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = invoke(*PROBE, "--no-tensorboard", "--out", out, "--name", "r")
+    assert result.exit_code == 0, result.output
+    return out / "r"
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> dict[str, dict]:
+    """Three real `gradlab probe` processes, run side by side, each sent its signal mid-run.
+
+    Each is signalled 0.3 s after its second part (the checkpoint at step 20) appears, so the
+    signal lands well inside the run, after a checkpoint, with rows buffered since.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = {}
+    for name in SIGNALS:
+        out = tmp_path_factory.mktemp(name.lower())
+        cmd = [sys.executable, "-m", "gradlab", *map(str, PROBE), "--out", str(out), "--name",
+               "r"]
+        if name != "SIGKILL":  # the killed one also has TensorBoard files open
+            cmd.append("--no-tensorboard")
+        procs[name] = {"run": out / "r", "proc": subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
+    deadline = time.monotonic() + 240
+    pending = dict(procs)
+    while pending:
+        assert time.monotonic() < deadline, "the runs never reached their second checkpoint"
+        for name, p in list(pending.items()):
+            proc = p["proc"]
+            assert proc.poll() is None, (name, proc.communicate())
+            parts = list((p["run"] / "metrics").glob("part-*.parquet"))
+            if "ready" not in p and len(parts) >= 2:
+                p["ready"] = time.monotonic()
+            if "ready" in p and time.monotonic() - p["ready"] > 0.3:
+                assert (p["run"] / "checkpoints" / "last.pt").exists()
+                proc.send_signal(SIGNALS[name])
+                del pending[name]
+        time.sleep(0.005)
+    for p in procs.values():
+        p["stdout"], p["stderr"] = p["proc"].communicate(timeout=120)
+        p["returncode"] = p["proc"].returncode
+        # What the directory held right after the process ended, before any resume.
+        p["info"] = json.loads((p["run"] / "run.json").read_text())
+        p["loaded"] = load_run(p["run"])
+        p["checkpoint_step"] = checkpoint(p["run"])["step"]
+    return procs
+
+
+def test_sigkill_leaves_a_readable_run_that_resumes_exactly(signalled, uninterrupted,
+                                                            tmp_path) -> None:
+    p = signalled["SIGKILL"]
+    run = p["run"]
+    assert p["returncode"] == -signal.SIGKILL
+    assert p["info"]["status"] == "running" and p["info"]["finished"] is None
+    loaded = p["loaded"]
+    assert loaded.status == "running"
+    # Every part on disk is whole; what was buffered since the last flush is simply not there.
+    loss = sorted(loaded.metrics[loaded.metrics.metric == "loss"].step)
+    assert loss[0] == 0 and loss == list(range(0, loss[-1] + 1, 2))
+    assert 18 <= loss[-1] < STEPS - 1
+    assert p["checkpoint_step"] in (10, 20, 30, 40, 50)
+    ref = table(uninterrupted)
+    on_disk = table(run)
+    assert set(on_disk.step) <= set(ref.step)
+    pd.testing.assert_frame_equal(on_disk, ref[ref.step.isin(set(on_disk.step))]
+                                  .reset_index(drop=True))
+
+    # `gradlab report` reads it, and lists it as still running.
+    result = invoke("report", run, "--out", tmp_path / "report", "--format", "html")
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "<tr><td>r</td><td>running</td>" in html  # among the runs that did not complete
+
+    result = invoke("probe", "--resume", "--out", run.parent, "--name", "r", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("completed:")
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["resumed_at"] == p["checkpoint_step"]
+    assert_same_run(uninterrupted, run)
+    # rows written after the checkpoint were set aside, not deleted
+    assert all(f.suffix == ".parquet" for f in (run / "metrics" / ".superseded").glob("*"))
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_flush_mark_interrupted_and_resume_exactly(name, signalled,
+                                                                     uninterrupted) -> None:
+    p = signalled[name]
+    run = p["run"]
+    assert p["returncode"] == 130, (p["returncode"], p["stderr"])
+    assert p["stdout"].startswith(f"interrupted: {run}") and "Traceback" not in p["stderr"]
+    info = p["info"]
+    assert info["status"] == "interrupted" and info["finished"] and info["failure"] is None
+    # The loop stopped between two steps, flushed every buffered row and checkpointed that point.
+    stop = p["checkpoint_step"]
+    assert 20 < stop < STEPS, "the signal did not land between checkpoints"
+    loaded = p["loaded"]
+    assert loaded.status == "interrupted"
+    assert sorted(loaded.metrics[loaded.metrics.metric == "loss"].step) == list(range(0, stop, 2))
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+    result = invoke("probe", "--resume", "--out", run.parent, "--name", "r", "-q",
+                    "--no-tensorboard")
+    assert result.exit_code == 0, result.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["resumed_at"] == stop
+    assert not (run / "metrics" / ".superseded").exists(), "nothing had to be set aside"
+    assert_same_run(uninterrupted, run)
+
+
+# -- non-finite gradients and responses -----------------------------------------------------------
+NF = TrainConfig(model="resnet20", dataset="digits", steps=12, every=2, batch_size=16,
+                 checkpoint_every=4, eval_every=4, seed=0, device="cpu")
+LAYER = "layer2.1.conv1"
+
+
+def inject_inf(step: int, where: str):
+    """An on_model callback that writes inf into ``layer2.1.conv1``'s weight gradient (or its
+    output) on training step ``step``, and on any re-measurement of that same batch."""
+
+    def on_model(model):
+        state: dict = {"n": 0, "batch": None, "hit": False}
+
+        def pre(mod, args):
+            if mod.training and torch.is_grad_enabled():
+                if state["n"] == step:
+                    state["batch"] = args[0]
+                state["hit"] = args[0] is state["batch"]
+                state["n"] += 1
+
+        model.register_forward_pre_hook(pre)
+        conv = model.get_submodule(LAYER)
+        if where == "gradient":
+            conv.weight.register_hook(
+                lambda g: torch.full_like(g, float("inf")) if state["hit"] else g)
+        else:
+            conv.register_forward_hook(
+                lambda mod, args, out: out * float("inf") if state["hit"] and mod.training
+                else out)
+
+    return on_model
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory) -> Path:
+    return train(NF.replace(seed=1), tmp_path_factory.mktemp("good"), "good",
+                 dashboard=False).run_dir
+
+
+# The layer named is the code's "first": the earliest non-finite response in forward order (an
+# inf conv output shows first in the BN right after it, the first probed response), else the
+# deepest non-finite gradient (backward runs from the last layer to the first).
+@pytest.mark.parametrize("where, layer, what", [
+    ("gradient", LAYER, "gradient"),
+    ("output", "layer2.1.bn1", "loss"),
+])
+def test_non_finite_stops_at_the_step_and_names_the_layer(where, layer, what, tmp_path,
+                                                         good_run) -> None:
+    with pytest.raises(NonFiniteError) as e:
+        train(NF, tmp_path, "bad", dashboard=False, on_model=inject_inf(7, where))
+    reason = f"non-finite {what} at step 7, first at layer {layer}"
+    assert str(e.value) == reason
+    run = tmp_path / "bad"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed"
+    assert info["failure"] == {"reason": reason, "step": 7, "layer": layer}
+    # Every row up to the failure is kept, the failing step's measurements included; nothing
+    # of the bad step reached the weights (the last checkpoint is before it).
+    df = load_run(run).metrics
+    assert df.step.max() == 7
+    assert sorted(df[df.metric == "loss"].step) == [0, 2, 4, 6, 7]
+    at7 = df[df.step == 7]
+    bad = at7[~np.isfinite(at7.value)]
+    assert layer in set(bad.layer)
+    assert checkpoint(run)["step"] == 4
+    assert all(torch.isfinite(v).all() for v in checkpoint(run)["model"].values())
+
+    out = tmp_path / "report"
+    from gradlab.report import build_report
+
+    rep = build_report([run, good_run], out, formats=("html",))
+    assert [r.name for r in rep.runs if r.status == "failed"] == ["bad"]
+    html = (out / "report.html").read_text()
+    assert (f"<tr><td>bad</td><td>failed</td><td>{reason}</td><td>7</td><td>{layer}</td></tr>"
+            in html)
+    assert "<td>good</td>" in html
+
+
+@pytest.mark.parametrize("step", [7, 11], ids=["mid-run", "last-step"])
+def test_non_finite_step_is_skipped_on_request(step: int, tmp_path) -> None:
+    result = train(NF.replace(nonfinite="skip"), tmp_path, "skip", dashboard=False,
+                   on_model=inject_inf(step, "gradient"))
+    assert result.status == "completed" and result.failure is None
+    run = tmp_path / "skip"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["skipped_steps"] == [step]
+    ck = checkpoint(run)
+    assert ck["step"] == NF.steps  # a skipped last step still ends with the final checkpoint
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    df = load_run(run).metrics
+    loss = df[df.metric == "loss"]
+    assert np.isfinite(loss.value).all()
+    assert sorted(set(loss.step)) == sorted({0, 2, 4, 6, 8, 10, 11, step})
+    test_loss = df[df.metric == "test_loss"]
+    assert NF.steps in set(test_loss.step) and np.isfinite(test_loss.value).all()
+
+
+DEPTHS = {"conv1": 0, "bn1": 1, "layer1.0": 2, "layer1.0.conv1": 3, "layer1.0.bn1": 4,
+          "layer1.0.conv2": 5, "layer1.0.bn2": 6, "layer1.1": 7, "layer1.1.conv1": 8,
+          "layer1.1.bn1": 9, "fc": 10}
+
+
+@pytest.mark.parametrize("bad, first", [
+    # a block's output exists only after its own layers': its last BN is first
+    ({("layer1.0", "residual_ratio"), ("layer1.0.bn2", "response_std"),
+      ("layer1.1.bn1", "response_std"), ("fc", "response_std")}, "layer1.0.bn2"),
+    # the addition itself went bad (its layers did not): the block, not the next block's BN
+    ({("layer1.0", "identity_gap"), ("layer1.1.bn1", "response_std")}, "layer1.0"),
+    ({("bn1", "response_std"), ("layer1.0", "residual_ratio")}, "bn1"),
+    # outputs all finite: the deepest non-finite gradient, where backward met it first
+    ({("conv1", "grad_norm"), ("layer1.0.conv2", "grad_norm"),
+      ("layer1.0.bn1", "response_grad_norm")}, "layer1.0.conv2"),
+    ({("", "loss")}, None),
+])
+def test_which_layer_is_first(bad: set, first: str | None) -> None:
+    from gradlab.training import _first_nonfinite
+
+    rows = [(layer, d, m) for layer, d in DEPTHS.items()
+            for m in ("response_std", "grad_norm", "response_grad_norm")]
+    rows += [(b, DEPTHS[b], m) for b in ("layer1.0", "layer1.1")
+             for m in ("residual_ratio", "identity_gap")]
+    rows += [("", -1, "loss")]
+    cols = {"layer": np.array([r[0] for r in rows], dtype=object),
+            "depth": np.array([r[1] for r in rows], dtype=np.int32),
+            "metric": np.array([r[2] for r in rows], dtype=object),
+            "value": np.array([np.inf if (r[0], r[2]) in bad else 1.0 for r in rows])}
+    assert _first_nonfinite(cols) == first
+
+
+# -- bad input: one line on stderr, exit code 2, nothing changed --------------------------------
+def _pickle_batch(n: int = 8, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    return pickle.dumps({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"labels": [int(v) for v in rng.integers(0, 10, n)]}, protocol=2)
+
+
+def write_fake_cifar(root: Path) -> Path:
+    """A tiny but well-formed cifar-10-batches-py (8 images per batch)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i, f in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        (folder / f).write_bytes(_pickle_batch(seed=i))
+    names = b"airplane automobile bird cat deer dog frog horse ship truck".split()
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    return folder
+
+
+class _Touch:
+    """Unpickling this creates a file: what a malicious file would do (something worse)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _cifar_truncated(folder: Path) -> None:
+    f = folder / "data_batch_3"
+    f.write_bytes(f.read_bytes()[:500])
+
+
+def _cifar_wrong_file(folder: Path) -> None:
+    # Another file under the right name: the meta file where a batch belongs.
+    shutil.copy(folder / "batches.meta", folder / "data_batch_3")
+
+
+def _cifar_wrong_shape(folder: Path) -> None:
+    (folder / "data_batch_3").write_bytes(pickle.dumps(
+        {b"data": np.zeros((8, 1024), np.uint8), b"labels": [0] * 8}, protocol=2))
+
+
+def _cifar_code(folder: Path) -> None:
+    (folder / "data_batch_3").write_bytes(pickle.dumps(
+        {b"data": _Touch(folder.parent.parent / "pwned"), b"labels": []}, protocol=2))
+
+
+def _cifar_missing_file(folder: Path) -> None:
+    (folder / "data_batch_3").unlink()
+
+
+def _no_network(url, dest, timeout):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+PROBE_BAD = {
+    # id: (probe arguments, words the message must contain, set-up under tmp)
+    "cifar-truncated-batch": (["--dataset", "cifar10", "--data-dir", "{tmp}/cifar"],
+                              ["data_batch_3"], _cifar_truncated),
+    "cifar-wrong-file": (["--dataset", "cifar10", "--data-dir", "{tmp}/cifar"],
+                         ["data_batch_3"], _cifar_wrong_file),
+    "cifar-wrong-shape": (["--dataset", "cifar10", "--data-dir", "{tmp}/cifar"],
+                          ["data_batch_3", "shape"], _cifar_wrong_shape),
+    "cifar-batch-runs-code": (["--dataset", "cifar10", "--data-dir", "{tmp}/cifar"],
+                              ["data_batch_3", "refused"], _cifar_code),
+    "cifar-missing-file-offline": (["--dataset", "cifar10", "--data-dir", "{tmp}/cifar"],
+                                   ["CIFAR-10", "cifar"], _cifar_missing_file),
+    "data-dir-is-a-file": (["--dataset", "cifar10", "--data-dir", "{tmp}/out/r20/run.json"],
+                           ["run.json"], None),
+    "out-under-a-file": (["--out", "{tmp}/notes.txt/runs"], ["cannot create run directory",
+                                                            "notes.txt"], None),
+    "resume-checkpoint-that-runs-code": (["--name", "r20", "--resume"],
+                                         ["last.pt", "checkpoint"], "malicious-checkpoint"),
+    "resume-other-schema-version-0": (["--name", "r20", "--resume"], ["schema_version 0"],
+                                      "schema-0"),
+    "resume-run-json-garbage": (["--name", "r20", "--resume"], ["run.json"], "run-json-garbage"),
+    "force-on-a-folder-that-is-not-a-run": (["--name", "notarun", "--force"],
+                                            ["not a gradlab run directory"], None),
+    "epochs-0": (["--epochs", "0"], ["--epochs"], None),
+    "checkpoint-every-0": (["--checkpoint-every", "0"], ["--checkpoint-every"], None),
+    "on-nonfinite-bogus": (["--on-nonfinite", "ignore"], ["--on-nonfinite"], None),
+}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("small")
+    return train(NF.replace(steps=2, every=1), out, "r20", dashboard=False).run_dir
+
+
+@pytest.mark.parametrize("case", list(PROBE_BAD))
+def test_probe_bad_input_is_one_line_exit_2_and_changes_nothing(case, small_run, tmp_path,
+                                                                monkeypatch) -> None:
+    monkeypatch.setattr("gradlab.data.cifar10._fetch", _no_network)
+    args, words, setup = PROBE_BAD[case]
+    out = tmp_path / "out"
+    shutil.copytree(small_run, out / "r20")
+    (tmp_path / "notes.txt").write_text("a regular file\n")
+    (out / "notarun").mkdir()
+    (out / "notarun" / "thesis.tex").write_text("precious\n")
+    folder = write_fake_cifar(tmp_path / "cifar")
+    if callable(setup):
+        setup(folder)
+    elif setup == "malicious-checkpoint":
+        bad = {"format": 1, "model": {}, "x": _Touch(tmp_path / "pwned")}
+        with open(out / "r20" / "checkpoints" / "last.pt", "wb") as f:
+            torch.save(bad, f)
+    elif setup in ("schema-0", "run-json-garbage"):
+        f = out / "r20" / "run.json"
+        if setup == "schema-0":
+            f.write_text(json.dumps({**json.loads(f.read_text()), "schema_version": 0}))
+        else:
+            f.write_text("{not json")
+    before = snapshot(tmp_path)
+    result = invoke(*PROBE[:1], "--model", "resnet8", "--steps", 2, "--every", 1,
+                    "--batch-size", 8, "--device", "cpu", "--no-tensorboard", "-q",
+                    "--out", out, *(a.format(tmp=tmp_path) for a in args))
+    one_line_error(result, *words)
+    assert not result.stdout
+    assert snapshot(tmp_path) == before, "the command changed files"
+    assert not (tmp_path / "pwned").exists(), "loading ran code from a file"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes through chmod 0o500; see out-under-a-file")
+def test_read_only_out_dir_is_one_line_exit_2(tmp_path) -> None:
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        result = invoke("probe", "--model", "resnet8", "--steps", 2, "--every", 1,
+                        "--device", "cpu", "-q", "--out", out)
+        one_line_error(result, "cannot create run directory", "permission denied")
+        assert not list(out.iterdir())
+    finally:
+        out.chmod(0o700)
+
+
+def _truncate_part(run: Path) -> None:
+    part = sorted((run / "metrics").glob("part-*.parquet"))[-1]
+    part.write_bytes(part.read_bytes()[:200])
+
+
+def _schema_2(run: Path) -> None:
+    f = run / "run.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "schema_version": 2}))
+
+
+REPORT_BAD = {
+    # id: (report arguments, words the message must contain, damage to the copied run)
+    "empty-folder": (["{tmp}/empty"], ["no gradlab runs", "empty"], None),
+    "missing-folder": (["{tmp}/nope"], ["no such directory", "nope"], None),
+    "a-file": (["{tmp}/notes.txt"], ["not a directory"], None),
+    "truncated-part": (["{tmp}/runs/r20"], ["no usable runs", "part-", "unreadable"],
+                       _truncate_part),
+    "other-schema-version": (["{tmp}/runs/r20"], ["no usable runs", "schema_version 2"],
+                             _schema_2),
+    "unknown-format": (["{tmp}/runs/r20", "--format", "html,docx"], ["unknown format 'docx'"],
+                       None),
+    "unknown-claim": (["{tmp}/runs/r20", "--claims", "degredation"],
+                      ["unknown claim", "degradation"], None),
+    "out-under-a-file": (["{tmp}/runs/r20", "--out", "{tmp}/notes.txt/report"],
+                         ["cannot write the report", "notes.txt"], None),
+}
+
+
+@pytest.mark.parametrize("case", list(REPORT_BAD))
+def test_report_bad_input_is_one_line_exit_2_and_changes_nothing(case, small_run,
+                                                                 tmp_path) -> None:
+    args, words, damage = REPORT_BAD[case]
+    shutil.copytree(small_run, tmp_path / "runs" / "r20")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("a regular file\n")
+    if damage:
+        damage(tmp_path / "runs" / "r20")
+    before = snapshot(tmp_path)
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "report")]
+    result = invoke("report", *args)
+    one_line_error(result, *words)
+    assert snapshot(tmp_path) == before, "the command changed files"
+
+
+# -- safe loading -------------------------------------------------------------------------------
+def test_checkpoints_are_loaded_weights_only(tmp_path, monkeypatch) -> None:
+    from gradlab import checkpoint as ckpt
+    from gradlab.runs import RunError
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "last.pt"
+    torch.save({"format": 1, "model": {}, "x": _Touch(marker)}, path)
+    with pytest.raises(RunError, match="corrupt or unreadable checkpoint"):
+        ckpt.load(path)
+    assert not marker.exists()
+
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    good = tmp_path / "good.pt"
+    torch.save({"format": 1, "model": {"w": torch.ones(2)}, "step": 3}, good)
+    assert ckpt.load(good)["step"] == 3
+    assert seen and all(kw.get("weights_only") is True for kw in seen)

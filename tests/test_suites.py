@@ -1,0 +1,247 @@
+"""Probe suites: validation of suite files, and `gradlab run` skipping, resuming and refusing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradlab.cli import app
+from gradlab.suites import SuiteError, bundled_suites, load_suite
+from gradlab.training import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: OpenMP threads cost far more than they save on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def snapshot(root: Path) -> dict[str, str | None]:
+    """sha256 of every file under ``root`` (folders as None), to prove nothing changed."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest()
+                                       if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+GOOD = """\
+name = "tiny"
+dataset = "digits"
+models = ["resnet8", "plain8"]
+seeds = [0]
+steps = 6
+every = 2
+claims = ["degradation"]
+
+[train]
+batch_size = 16
+checkpoint_every = 2
+"""
+
+
+def test_bundled_suites_load() -> None:
+    suites = bundled_suites()
+    assert {"near-identity", "he2015-cifar10"} <= set(suites)
+    for name in suites:
+        s = load_suite(name)
+        assert s.name == name and s.configs()
+
+
+def test_a_good_suite_expands_to_its_runs(tmp_path) -> None:
+    f = tmp_path / "tiny.toml"
+    f.write_text(GOOD)
+    s = load_suite(f)
+    names = [n for n, _ in s.configs()]
+    assert names == ["resnet8-s0", "plain8-s0"]
+    cfg = dict(s.configs())["plain8-s0"]
+    assert (cfg.model, cfg.steps, cfg.every, cfg.batch_size, cfg.checkpoint_every) == (
+        "plain8", 6, 2, 16, 2)
+
+
+def _replace(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new)
+
+
+BAD = {
+    # id: (suite text, words the one-line message must contain)
+    "unknown-key": (GOOD.replace("every = 2\n", "every = 2\ncolour = \"red\"\n"),
+                    ["unknown key", "colour", "[train]"]),
+    "training-option-at-top": (_replace("every = 2\n", "every = 2\nlr = 0.1\n"),
+                               ["unknown key", "lr", "[train]"]),
+    "missing-models": (_replace('models = ["resnet8", "plain8"]\n', ""),
+                       ["missing required key", "models"]),
+    "models-not-a-list": (_replace('["resnet8", "plain8"]', '"resnet8"'),
+                          ["models must be a list"]),
+    "models-empty": (_replace('["resnet8", "plain8"]', "[]"), ["models", "non-empty"]),
+    "seeds-text": (_replace("seeds = [0]", 'seeds = ["0"]'), ["seeds", "integers"]),
+    "seeds-bool": (_replace("seeds = [0]", "seeds = [true]"), ["seeds", "integers"]),
+    "steps-text": (_replace("steps = 6", 'steps = "6"'), ["steps must be an integer"]),
+    "steps-float": (_replace("steps = 6", "steps = 6.5"), ["steps must be an integer"]),
+    "steps-bool": (_replace("steps = 6", "steps = true"), ["steps must be an integer"]),
+    "steps-0": (_replace("steps = 6", "steps = 0"), ["--steps must be positive"]),
+    "steps-negative": (_replace("steps = 6", "steps = -6"), ["--steps must be positive"]),
+    "every-0": (_replace("every = 2", "every = 0"), ["--every must be positive"]),
+    "every-larger-than-run": (_replace("every = 2", "every = 60"),
+                              ["every = 60", "larger than the run", "6 steps"]),
+    "unknown-model": (_replace('"plain8"', '"resnt8"'), ["unknown model", "resnt8"]),
+    "depth-not-6n+2": (_replace('"plain8"', '"plain9"'), ["plain9", "6n+2", "plain8"]),
+    "unknown-claim": (_replace('"degradation"', '"degredation"'),
+                      ["unknown claim", "degredation", "degradation"]),
+    "claim-not-text": (_replace('"degradation"', "3"), ["unknown claim", "3"]),
+    "claims-not-a-list": (_replace('["degradation"]', '"degradation"'),
+                          ["claims must be a list"]),
+    "unknown-dataset": (_replace('dataset = "digits"', 'dataset = "imagenet"'),
+                        ["unknown dataset", "imagenet", "digits"]),
+    "name-escapes": (_replace('name = "tiny"', 'name = "../tiny"'),
+                     ["name '../tiny'", "plain directory name"]),
+    "name-not-text": (_replace('name = "tiny"', "name = 7"), ["name must be a string"]),
+    "train-not-a-table": (GOOD.split("[train]")[0] + "train = 3\n", ["train must be a table"]),
+    "train-unknown-key": (GOOD + "colour = 1\n", ["unknown [train] key 'colour'"]),
+    "train-sets-a-run-field": (GOOD + "seed = 1\n", ["unknown [train] key 'seed'"]),
+    "train-lr-text": (GOOD + 'lr = "fast"\n', ["[train] lr", "'fast'"]),
+    "train-batch-size-float": (_replace("batch_size = 16", "batch_size = 2.5"),
+                               ["[train] batch_size", "2.5"]),
+    "train-augment-int": (GOOD + "augment = 1\n", ["[train] augment"]),
+    "train-eval-every-text": (GOOD + 'eval_every = "x"\n', ["[train] eval_every",
+                                                            "an integer"]),
+    "train-checkpoint-every-float": (_replace("checkpoint_every = 2", "checkpoint_every = 2.5"),
+                                     ["[train] checkpoint_every", "an integer"]),
+    "train-milestones-text": (GOOD + 'milestones = [0.5, "x"]\n', ["[train] milestones"]),
+    "train-milestones-range": (GOOD + "milestones = [0.5, 2.0]\n", ["milestones", "(0, 1)"]),
+    "train-momentum-range": (GOOD + "momentum = 1.5\n", ["momentum", "[0, 1)"]),
+    "train-nonfinite": (GOOD + 'nonfinite = "ignore"\n', ["--on-nonfinite", "'ignore'"]),
+    "train-shortcut": (GOOD + 'shortcut = "C"\n', ["--shortcut", "'C'"]),
+    "invalid-toml": (GOOD.replace("steps = 6", "steps = = 6"), ["invalid TOML", "line"]),
+    "duplicate-key": (GOOD.replace("every = 2", "every = 2\nsteps = 3"), ["invalid TOML"]),
+    "not-utf8": (b"\xff\xfe name", ["cannot read", "utf-8"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_suite_is_one_line_exit_2_and_changes_nothing(case: str, tmp_path) -> None:
+    text, words = BAD[case]
+    f = tmp_path / "bad.toml"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(SuiteError):
+        load_suite(f)
+    before = snapshot(tmp_path)
+    result = invoke("run", f, "--runs", tmp_path / "runs", "--reports", tmp_path / "reports",
+                    "-q")
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradlab: error: "), result.stderr
+    assert "Traceback" not in result.output and not result.stdout
+    if case != "every-larger-than-run":  # only the run names the 6 steps it has
+        assert str(f) in lines[0]
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+    assert snapshot(tmp_path) == before, "the command changed files"
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("no-such-suite", ["unknown suite 'no-such-suite'", "near-identity"]),
+    ("missing.toml", ["suite file", "missing.toml", "not found"]),
+])
+def test_unknown_suite_is_one_line_exit_2(spec: str, words: list, tmp_path,
+                                          monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke("run", spec, "--runs", tmp_path / "runs", "-q")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    for w in words:
+        assert w in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+# -- gradlab run: skip completed, resume interrupted, refuse another configuration ----------------
+class Interrupt(RuntimeError):
+    pass
+
+
+def interrupt_at(step: int):
+    """An on_model callback whose hook raises at the start of training step ``step``."""
+
+    def on_model(model):
+        seen = []
+
+        def pre(mod, args):
+            if mod.training and torch.is_grad_enabled():
+                if len(seen) == step:
+                    raise Interrupt(f"stopped at step {step}")
+                seen.append(1)
+
+        model.register_forward_pre_hook(pre)
+
+    return on_model
+
+
+def table(run_dir: Path) -> pd.DataFrame:
+    df = pd.read_parquet(run_dir / "metrics")
+    df = df[df.metric != "images_per_s"]
+    return df.sort_values(["step", "metric", "layer"]).reset_index(drop=True)
+
+
+def test_run_skips_completed_resumes_interrupted_and_refuses_other_configs(tmp_path) -> None:
+    suite_file = tmp_path / "tiny.toml"
+    suite_file.write_text(GOOD)
+    runs = tmp_path / "runs"
+    configs = dict(load_suite(suite_file).configs())
+
+    # resnet8-s0 was killed after its checkpoint at step 4: what SIGKILL leaves is a run.json
+    # still saying "running" (the real kill is in tests/test_faults.py).
+    with pytest.raises(Interrupt):
+        train(configs["resnet8-s0"], runs / "tiny", "resnet8-s0", dashboard=False,
+              on_model=interrupt_at(5))
+    cut = runs / "tiny" / "resnet8-s0"
+    info = json.loads((cut / "run.json").read_text())
+    info.update(status="running", finished=None, failure=None)
+    (cut / "run.json").write_text(json.dumps(info))
+
+    result = invoke("run", suite_file, "--runs", runs, "--no-report", "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["resuming resnet8-s0", "training plain8-s0"]
+    assert lines[2].startswith("suite tiny: 1 trained, 1 resumed, 0 skipped, 0 failed")
+    info = json.loads((cut / "run.json").read_text())
+    assert info["status"] == "completed" and info["resumed_at"] == 4
+    assert json.loads((runs / "tiny" / "plain8-s0" / "run.json").read_text())["status"] == \
+        "completed"
+
+    # the resumed run is the run that was never stopped
+    ref = train(configs["resnet8-s0"], tmp_path / "ref", "resnet8-s0", dashboard=False).run_dir
+    a = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    pd.testing.assert_frame_equal(table(ref), table(cut))
+
+    # a second invocation trains nothing and touches nothing
+    before = snapshot(runs)
+    result = invoke("run", suite_file, "--runs", runs, "--no-report", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[:2] == ["skipped resnet8-s0", "skipped plain8-s0"]
+    assert "0 trained, 0 resumed, 2 skipped" in result.stdout
+    assert snapshot(runs) == before
+
+    # the same suite name with other settings is refused, not mixed into the runs
+    suite_file.write_text(GOOD.replace("steps = 6", "steps = 8"))
+    result = invoke("run", suite_file, "--runs", runs, "--no-report", "-q")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another configuration" in lines[0]
+    assert "resnet8-s0" in lines[0] and "tiny" in lines[0]
+    assert snapshot(runs) == before
