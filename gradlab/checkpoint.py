@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -54,7 +55,13 @@ def load(path: Path) -> dict[str, Any]:
             ValueError, AttributeError, KeyError, IndexError, TypeError, struct.error) as e:
         # The weights-only unpickler meets damaged bytes with whatever its parser hits first:
         # b"hello" -> KeyError, b"(." -> IndexError, b"J" -> struct.error.
-        msg = str(e).strip()
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch bolds part of its text
+        if "WeightsUnpickler error:" in msg:
+            # torch's advice (load with weights_only=False) is the one thing not to do here.
+            why = msg.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+            why = why.split(". ")[0].rstrip(".")
+            raise RunError(f"{path}: corrupt or unsafe checkpoint, refused by the weights-only "
+                           f"loader ({why[:120]})") from None
         first = f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
         raise RunError(f"{path}: corrupt or unreadable checkpoint ({first[:120]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:

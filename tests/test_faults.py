@@ -415,12 +415,15 @@ PROBE_BAD = {
                               ["data_batch_3", "refused"], _cifar_code),
     "cifar-missing-file-offline": (["--dataset", "cifar10", "--data-dir", "{tmp}/cifar"],
                                    ["CIFAR-10", "cifar"], _cifar_missing_file),
+    "data-dir-missing-offline": (["--dataset", "cifar10", "--data-dir", "{tmp}/nope"],
+                                 ["CIFAR-10", "nope"], None),
     "data-dir-is-a-file": (["--dataset", "cifar10", "--data-dir", "{tmp}/out/r20/run.json"],
                            ["run.json"], None),
     "out-under-a-file": (["--out", "{tmp}/notes.txt/runs"], ["cannot create run directory",
                                                             "notes.txt"], None),
     "resume-checkpoint-that-runs-code": (["--name", "r20", "--resume"],
-                                         ["last.pt", "checkpoint"], "malicious-checkpoint"),
+                                         ["last.pt", "unsafe checkpoint", "weights-only"],
+                                         "malicious-checkpoint"),
     "resume-other-schema-version-0": (["--name", "r20", "--resume"], ["schema_version 0"],
                                       "schema-0"),
     "resume-run-json-garbage": (["--name", "r20", "--resume"], ["run.json"], "run-json-garbage"),
@@ -438,7 +441,14 @@ def small_run(tmp_path_factory) -> Path:
     return train(NF.replace(steps=2, every=1), out, "r20", dashboard=False).run_dir
 
 
-@pytest.mark.parametrize("case", list(PROBE_BAD))
+# gradlab/data/cifar10.py creates the folder it downloads into and leaves it, empty, when the
+# download fails: the one trace a failed command leaves (owned by the data module).
+KNOWN_TRACES = {"data-dir-missing-offline": "a failed download leaves its empty data folder"}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_TRACES[c]))
+    if c in KNOWN_TRACES else c for c in PROBE_BAD])
 def test_probe_bad_input_is_one_line_exit_2_and_changes_nothing(case, small_run, tmp_path,
                                                                 monkeypatch) -> None:
     monkeypatch.setattr("gradlab.data.cifar10._fetch", _no_network)
@@ -540,8 +550,11 @@ def test_checkpoints_are_loaded_weights_only(tmp_path, monkeypatch) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "last.pt"
     torch.save({"format": 1, "model": {}, "x": _Touch(marker)}, path)
-    with pytest.raises(RunError, match="corrupt or unreadable checkpoint"):
+    with pytest.raises(RunError) as e:
         ckpt.load(path)
+    assert str(e.value) == (f"{path}: corrupt or unsafe checkpoint, refused by the weights-only "
+                            "loader (Unsupported global: GLOBAL getattr was not an "
+                            "allowed global by default)")
     assert not marker.exists()
 
     seen = []
