@@ -7,9 +7,17 @@ the logged rows handed to the same background writer (Parquet + TensorBoard) a r
 run in blocks of ``--block`` steps, round-robin, so drift in machine speed hits every mode alike;
 the ratio is the median block time of a mode over the median block time of the unprobed loop.
 
+Fairness details: the unprobed blocks run with every probe hook removed (checked before each
+block, not assumed); each mode keeps its own step counter, so "every N" logs exactly 1 in N of
+its steps whatever ``--block`` is; and each probed block waits, inside its timed region, until
+the background writer has consumed what the block produced (Parquet rows buffered, TensorBoard
+events serialized), so writer work is charged to the mode that caused it instead of spilling
+into the next (often unprobed) block on a machine with few cores.
+
     python benchmarks/probe_overhead.py                  # resnet56, batch 128, every 1 / 10
     python benchmarks/probe_overhead.py --quick          # fewer rounds
-    python benchmarks/probe_overhead.py --models resnet20 resnet56 resnet110 plain56 --every 1 10 100
+    python benchmarks/probe_overhead.py --models resnet20 resnet56 resnet110 plain56 \
+        --every 1 10 100
 """
 
 from __future__ import annotations
@@ -29,6 +37,29 @@ from gradlab.runs import MetricWriter
 from gradlab.training import Trainer, _Sink, resolve_device
 
 
+def hook_count(model: torch.nn.Module) -> int:
+    """Hooks of any kind left on the model's modules and parameters (0 for the unprobed loop)."""
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        n += len(getattr(m, "_backward_pre_hooks", {}))
+    for p in model.parameters():
+        n += len(p._backward_hooks or {}) + len(getattr(p, "_post_accumulate_grad_hooks",
+                                                        None) or {})
+    return n
+
+
+def drain(sink: _Sink, dash: Dashboard | None) -> None:
+    """Wait until the writer thread (and the event writer behind it) has done the queued work.
+
+    Private attributes on purpose: a benchmark must charge the writer's CPU time to the block
+    that queued it, and the public ``flush`` would also write a Parquet part every block.
+    """
+    sink._q.join()
+    if dash is not None:
+        dash._writer.flush()
+
+
 def measure(model: str, batch: int, everies: list[int], rounds: int, block: int,
             device: torch.device, tensorboard: bool) -> dict[str, float]:
     cfg = TrainConfig(model=model, dataset="synthetic", batch_size=batch, steps=10**6)
@@ -41,32 +72,38 @@ def measure(model: str, batch: int, everies: list[int], rounds: int, block: int,
             if tensorboard else None
         sink = _Sink(writer, dash)
         step = 0
+        modes: list[int | None] = [None, *everies]
+        count = dict.fromkeys(modes, 0)  # per-mode step counters: exactly 1 in N steps logged
 
         def run_block(every: int | None) -> float:
             nonlocal step
+            if every is None:
+                tr.probe.detach()  # the unprobed loop: no hooks on the model at all
+                if hook_count(tr.model):
+                    raise RuntimeError("hooks left on the model of the unprobed loop")
+            else:
+                tr.probe.attach()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for i in range(block):
-                logged = every is not None and i % every == 0
+            for _ in range(block):
+                logged = every is not None and count[every] % every == 0
+                count[every] += 1
                 _, cols, _ = tr.step(next(it), 0.01, logged)
                 if cols is not None:
                     sink.put(step, cols)
                 step += 1
+            if every is not None:
+                drain(sink, dash)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return (time.perf_counter() - t0) / block
 
-        modes: list[int | None] = [None, *everies]
         for m in modes:  # warm-up: allocator, oneDNN primitives, first-pass probe setup
             run_block(m)
         times: dict[int | None, list[float]] = {m: [] for m in modes}
         for _ in range(rounds):
             for m in modes:
-                if m is None:
-                    tr.probe.detach()  # the unprobed loop: no hooks on the model at all
-                else:
-                    tr.probe.attach()
                 times[m].append(run_block(m))
         sink.flush()
         sink.close()
