@@ -284,6 +284,8 @@ def test_non_finite_stops_at_the_step_and_names_the_layer(where, layer, what, tm
     assert layer in set(bad.layer)
     assert checkpoint(run)["step"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint(run)["model"].values())
+    if where != "gradient":
+        return  # the report is drawn once: it reads run.json, not how the run failed
 
     out = tmp_path / "report"
     from gradlab.report import build_report
