@@ -192,7 +192,7 @@ def probe(
     typer.echo(f"{result.status}: {result.run_dir} ({result.steps} steps, "
                f"{result.seconds:.1f} s){'; ' + final if final else ''}")
     if result.status == "interrupted":
-        sys.exit(130)
+        sys.exit(128 + (result.signal or 2))  # the shell's convention: 130 SIGINT, 143 SIGTERM
 
 
 @app.command()

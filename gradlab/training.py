@@ -46,10 +46,11 @@ class TrainResult:
 
     run_dir: Path
     status: str
-    steps: int
+    steps: int          # optimizer steps done when the run ended (== planned when completed)
     final: dict[str, float]
     seconds: float
     failure: dict[str, Any] | None = None
+    signal: int | None = None   # the signal that interrupted it, if any
 
 
 # -- devices and schedules -----------------------------------------------------------------------
@@ -260,7 +261,7 @@ class Trainer:
         self.forward = torch.compile(model) if cfg.compile else model
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def step(self, idx: torch.Tensor, lr: float, logged: bool, *, check: bool = False
+    def step(self, idx: torch.Tensor, lr: float, logged: bool, *, check: bool | None = None
              ) -> tuple[torch.Tensor, dict[str, np.ndarray] | None, bool]:
         """Forward, backward, measure (on logged steps) and update.
 
@@ -270,6 +271,8 @@ class Trainer:
         on CPU; on a GPU the test waits for the logged step's one synchronization instead).
         """
         data, dev = self.data, self.device
+        if check is None:
+            check = dev.type == "cpu"
         idx = idx.to(dev, non_blocking=True)
         x, y = data.train_x[idx], data.train_y[idx]
         if self.cfg.augment:
@@ -416,6 +419,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     failure: dict[str, Any] | None = None
     status = "completed"
     t_start = time.perf_counter()
+    done = start
     stop_signal: list[int] = []
     previous = _install_signal_handlers(stop_signal)
     bar = _Progress(progress, steps, start, name)
@@ -439,7 +443,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                     break
                 logged = step % cfg.every == 0 or step == steps - 1
                 lr = lr_at(cfg, step, steps)
-                loss, cols, bad = tr.step(next(it), lr, logged, check=device.type == "cpu")
+                loss, cols, bad = tr.step(next(it), lr, logged)
                 if bad:
                     if cols is None:  # find the layer: measure this same batch once more
                         cols = tr.diagnose()
@@ -490,7 +494,8 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     _finish(sink, rd, dash, status, failure, final, bar, previous)
     if status == "failed" and failure is not None:
         raise NonFiniteError(failure["reason"])
-    return TrainResult(rd.path, status, steps, final, time.perf_counter() - t_start, failure)
+    return TrainResult(rd.path, status, done, final, time.perf_counter() - t_start, failure,
+                       stop_signal[0] if stop_signal else None)
 
 
 def _finish(sink: _Sink, rd: RunDir, dash, status: str, failure, final, bar, previous) -> None:

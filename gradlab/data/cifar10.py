@@ -16,6 +16,7 @@ ints in 0..9. ``batches.meta`` has ``b"label_names"``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -343,10 +344,26 @@ def _download_and_extract(data_dir: Path) -> None:
     renamed into place, so an interrupted download never leaves a half-written
     ``cifar-10-batches-py`` that a later run would take for the real thing.
     """
+    # Folders this call creates are removed again if the download fails: bad input must not
+    # leave anything behind.
+    created = []
+    for parent in reversed([data_dir, *data_dir.parents]):
+        if not parent.exists():
+            created.append(parent)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the data folder {data_dir}: {e.strerror or e}") from e
+    try:
+        _fetch_into(data_dir)
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: never deletes anything else
+        raise
+
+
+def _fetch_into(data_dir: Path) -> None:
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp_name:
         tmp = Path(tmp_name)
         archive = tmp / "cifar-10-python.tar.gz"
