@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradlab.config import ConfigError, TrainConfig
-from gradlab.data import Dataset, augment, batches, load_dataset, steps_per_epoch
+from gradlab.data import Dataset, augment, batches, load_dataset, steps_per_epoch, to_device
 from gradlab.models import create_model, model_info
 from gradlab.probing import PendingFrame, Probe
 from gradlab.runs import MetricWriter, RunDir, RunError, git_commit, versions
@@ -273,7 +273,7 @@ class Trainer:
         data, dev = self.data, self.device
         if check is None:
             check = dev.type == "cpu"
-        idx = idx.to(dev, non_blocking=True)
+        idx = to_device(idx, dev)
         x, y = data.train_x[idx], data.train_y[idx]
         if self.cfg.augment:
             x = augment(x, data.pad, data.flip, self.gen)

@@ -10,7 +10,7 @@ Example:
     ...     x = augment(data.train_x[idx], data.pad, data.flip)
 """
 
-from gradlab.data.augment import augment
+from gradlab.data.augment import augment, to_device
 from gradlab.data.dataset import DataError, Dataset, channel_stats, normalize
 from gradlab.data.loading import DATASETS, load_dataset
 from gradlab.data.sampling import batches, epoch_permutation, steps_per_epoch
@@ -26,4 +26,5 @@ __all__ = [
     "load_dataset",
     "normalize",
     "steps_per_epoch",
+    "to_device",
 ]

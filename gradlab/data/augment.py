@@ -11,7 +11,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["augment"]
+__all__ = ["augment", "to_device"]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without a host synchronization.
+
+    A copy from pageable memory to a CUDA device makes the host wait for the stream (CUDA
+    synchronizes before staging it); from pinned memory the copy is truly asynchronous.
+    ``pin_memory`` draws on torch's caching host allocator, so small per-step copies stay cheap.
+    """
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def augment(
@@ -57,8 +71,8 @@ def augment(
     row_idx = oy[:, None] + torch.arange(h)
     # Index arithmetic happens on the CPU (N x (H + W) integers); only the indices move.
     device = x.device
-    row_idx = row_idx.to(device, non_blocking=True)
-    col_idx = col_idx.to(device, non_blocking=True)
+    row_idx = to_device(row_idx, device)
+    col_idx = to_device(col_idx, device)
     batch_idx = torch.arange(n, device=device)
     # Advanced indexing with (N,1,1,1), (N,1,H,1), (N,1,1,W) broadcasts to (N, C, H, W): the
     # channel dimension is sliced, the others gathered.
