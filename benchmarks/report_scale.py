@@ -2,9 +2,10 @@
 
 Writes synthetic run directories the way a run writes them (``RunDir`` + ``MetricWriter``, one
 Parquet part per ``--part-steps`` steps), every step logged, then builds the HTML + PDF report in
-a child process and reads the child's peak resident memory (``ru_maxrss`` from ``wait4``; the
-parent also polls it and kills the child at ``--mem-cap-gib`` so a memory-hungry report cannot
-take the machine down). Targets: under 60 s and under 4 GiB.
+a child process and reads its peak resident memory (``ru_maxrss`` from ``wait4``; the parent
+also polls the sum over the child and its descendants, the report's load workers, and kills them
+all at ``--mem-cap-gib`` so a memory-hungry report cannot take the machine down). Targets: under
+60 s and under 4 GiB.
 
 The rows are what a real run logs: the layer names, depths and metric set come from gradlab's
 own :class:`~gradlab.probing.Probe` on the real model (resnet110: 818 probe rows per step, plus
@@ -376,8 +377,37 @@ def child_load(run: Path, mode: str, result: Path) -> None:
         st.path.write_text(json.dumps(st.rows))
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (load workers, forkservers), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def spawn(args: list[str], result: Path, cap: int, env: dict | None = None) -> dict:
-    """Run this script as a child; return its JSON result plus ``maxrss`` and ``killed``."""
+    """Run this script as a child; return its JSON result plus ``maxrss`` and ``killed``.
+
+    ``maxrss`` counts the whole process tree: the child's own peak (``ru_maxrss``) or, when
+    larger, the largest sum of resident memory over the child and its descendants (the report's
+    parallel load workers) seen while polling every 50 ms. Shared pages count once per process,
+    so the sum is an upper bound.
+    """
     cmd = [sys.executable, __file__, *args, "--result", str(result)]
     log = result.with_suffix(".log")
     with open(log, "w") as f:
@@ -387,15 +417,16 @@ def spawn(args: list[str], result: Path, cap: int, env: dict | None = None) -> d
         pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                rss = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
-            polled = max(polled, rss)
-            if rss > cap and not killed:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed = True
-        except (OSError, StopIteration):
-            pass
+        tree = _tree(proc.pid)
+        rss = sum(_rss(p) for p in tree)
+        polled = max(polled, rss)
+        if rss > cap and not killed:
+            for p in reversed(tree):  # the workers first, then the child
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+            killed = True
         time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)
     out: dict = {}

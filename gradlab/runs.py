@@ -242,30 +242,75 @@ def find_runs(paths: Iterable[Path]) -> list[Path]:
 
 
 def read_metrics(path: Path, *, columns: list[str] | None = None,
-                 metrics: list[str] | None = None) -> pd.DataFrame:
+                 metrics: list[str] | None = None, categorical: bool = False) -> pd.DataFrame:
     """Read a run's metric parts (only ``columns`` / only ``metrics`` when given).
 
     Reads part by part so a damaged part is named in the error rather than failing the dataset.
     A row repeated by a resumed run (same step, layer and metric) is kept once, the latest.
+
+    Args:
+        path: the run directory.
+        columns: the columns to read (default: all five).
+        metrics: the metric names to read (filtered while reading); default all.
+        categorical: read ``layer`` and ``metric`` as pandas categoricals straight from the
+            Parquet dictionaries (no Python string per row: far less memory and time on long
+            runs); the default keeps plain strings, as ``pandas.read_parquet`` gives them.
     """
     mdir = Path(path) / "metrics"
     parts = sorted(mdir.glob("part-*.parquet")) if mdir.is_dir() else []
     cols = columns or METRICS_SCHEMA.names
     filters = [("metric", "in", list(metrics))] if metrics else None
+    dictionary = [c for c in ("layer", "metric") if c in cols] if categorical else None
     tables = []
     for part in parts:
         try:
-            tables.append(pq.read_table(part, columns=cols, filters=filters))
+            tables.append(pq.read_table(part, columns=cols, filters=filters,
+                                        read_dictionary=dictionary))
         except (OSError, pa.ArrowException) as e:
             raise RunError(f"{part}: unreadable metrics part ({str(e).splitlines()[0]})") from None
     if not tables:
-        return pd.DataFrame({c: pd.Series(dtype=METRICS_SCHEMA.field(c).type.to_pandas_dtype())
+        return pd.DataFrame({c: pd.Series(dtype="category" if dictionary and c in dictionary
+                                          else METRICS_SCHEMA.field(c).type.to_pandas_dtype())
                              for c in cols})
     df = pa.concat_tables(tables).to_pandas()
     keys = [c for c in ("step", "layer", "metric") if c in df.columns]
     if len(keys) == 3 and len(tables) > 1:
-        df = df.drop_duplicates(keys, keep="last", ignore_index=True)
+        # Only steps that two parts both cover can repeat a row (a part is one flush of the
+        # writer, whose steps are distinct); de-duplicate just those rows, not the whole table.
+        at_risk = _shared_steps(df["step"].to_numpy(), [t.num_rows for t in tables])
+        if at_risk.any():
+            sub = df.loc[at_risk, keys]
+            repeated = sub.index[sub.duplicated(keep="last").to_numpy()]
+            if len(repeated):
+                df = df.drop(index=repeated).reset_index(drop=True)
     return df
+
+
+def _shared_steps(step: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Rows whose step lies in the step range of more than one part (the only possible repeats).
+
+    ``step`` is the parts' rows concatenated in order, ``sizes`` the rows per part.
+    """
+    bounds = np.cumsum([0, *sizes])
+    ranges = [(int(step[a:b].min()), int(step[a:b].max()))
+              for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    ranges.sort()
+    shared: list[tuple[int, int]] = []  # intersections of ranges, in order, merged
+    reach = None
+    for lo, hi in ranges:
+        if reach is not None and lo <= reach:
+            cut = (lo, min(hi, reach))
+            if shared and cut[0] <= shared[-1][1]:
+                shared[-1] = (shared[-1][0], max(shared[-1][1], cut[1]))
+            else:
+                shared.append(cut)
+        reach = hi if reach is None else max(reach, hi)
+    if not shared:
+        return np.zeros(len(step), dtype=bool)
+    starts = np.array([a for a, _ in shared])
+    ends = np.array([b for _, b in shared])
+    i = np.searchsorted(starts, step, side="right") - 1
+    return (i >= 0) & (step <= ends[np.maximum(i, 0)])
 
 
 @dataclass

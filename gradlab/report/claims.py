@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from gradlab.report.load import LoadedRun, RunSet
+from gradlab.report.load import EARLY_FRACTION, LoadedRun, RunSet
 
 __all__ = ["CLAIMS", "ALPHA", "MIN_SEEDS", "MIN_LOGGED_STEPS", "ClaimResult", "CLAIM_FUNCTIONS",
            "degradation", "smaller_responses", "near_identity", "gradient_flow",
@@ -47,8 +47,8 @@ CLAIMS: tuple[str, ...] = ("degradation", "smaller-responses", "near-identity", 
 ALPHA = 0.05
 MIN_SEEDS = 2
 MIN_LOGGED_STEPS = 5
-#: Gradient-flow is measured early in training, where optimization difficulty shows first.
-EARLY_FRACTION = 0.1
+# Gradient-flow is measured early in training, where optimization difficulty shows first:
+# EARLY_FRACTION (0.1, from load, which keeps those rows exactly for long runs).
 N_BOOT = 10_000
 BOOT_SEED = 0
 
@@ -300,8 +300,8 @@ def _select(runs: Iterable[LoadedRun], needs: Sequence[str]) -> _Selection:
             notes.append(f"{r.name} excluded (too few logged steps: {r.logged_steps} < "
                          f"{MIN_LOGGED_STEPS})")
             few_steps.append(f"{r.name} has {r.logged_steps}")
-        elif any(r.metric(m).empty for m in needs):
-            absent = [m for m in needs if r.metric(m).empty]
+        elif not all(r.has(m) for m in needs):
+            absent = [m for m in needs if not r.has(m)]
             notes.append(f"{r.name} excluded (no {', '.join(absent)} rows)")
             missing.append(r.name)
         else:
@@ -726,8 +726,8 @@ def bn_grad_slope(run: LoadedRun, steps: Sequence[int]) -> float:
 
     Averaging log10 values over ``steps`` first; decades per layer; NaN with < 3 layers.
     """
-    t = run.metric("response_grad_norm")
-    t = t[t["step"].isin(list(steps)) & (t["value"] > 0)]
+    t = run.rows_at("response_grad_norm", steps)
+    t = t[t["value"] > 0]
     t = t[t["layer"].astype(str).map(is_conv_bn)]
     if t.empty:
         return float("nan")
@@ -741,7 +741,7 @@ def bn_grad_slope(run: LoadedRun, steps: Sequence[int]) -> float:
 
 
 def _early_steps(run: LoadedRun) -> np.ndarray:
-    steps = np.unique(run.metric("response_grad_norm")["step"].to_numpy())
+    steps = run.steps("response_grad_norm")
     if len(steps) == 0:
         return steps
     cutoff = EARLY_FRACTION * steps.max()
@@ -767,7 +767,7 @@ def gradient_flow(runs: Sequence[LoadedRun]) -> ClaimResult:
     for depth, seed, p, q in pairs:
         row = {"depth": depth, "seed": seed, "plain_run": p.name, "residual_run": q.name}
         for tag, run in (("plain", p), ("residual", q)):
-            last = int(run.metric("response_grad_norm")["step"].max())
+            last = int(run.steps("response_grad_norm").max())
             row[f"slope_{tag}"] = bn_grad_slope(run, _early_steps(run))
             row[f"slope_{tag}_init"] = bn_grad_slope(run, [0])
             row[f"slope_{tag}_final"] = bn_grad_slope(run, [last])

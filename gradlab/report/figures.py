@@ -29,11 +29,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from gradlab.report.claims import is_conv_bn
-from gradlab.report.load import LoadedRun, RunSet
+from gradlab.report.load import MAX_POINTS, LoadedRun, RunSet
 
 __all__ = ["MAX_POINTS", "HEATMAP_COLUMNS", "DPI", "make_figures", "bin_series"]
 
-MAX_POINTS = 2000
 HEATMAP_COLUMNS = 200
 DPI = 110
 FigureTuple = tuple[str, str, bytes]
@@ -249,7 +248,7 @@ def fig_response_std(runs: Sequence[LoadedRun], pal: _Palette, suffix: str
 
 
 def _init_step(r: LoadedRun, metric: str) -> int | None:
-    steps = r.metric(metric)["step"]
+    steps = r.steps(metric)
     return int(steps.min()) if len(steps) else None
 
 
@@ -347,7 +346,7 @@ def fig_norms(runs: Sequence[LoadedRun], pal: _Palette, suffix: str) -> FigureTu
 
 def fig_ratio_heatmap(runs: Sequence[LoadedRun], pal: _Palette, suffix: str
                       ) -> FigureTuple | None:
-    res = [r for r in runs if r.residual and not r.metric("residual_ratio").empty]
+    res = [r for r in runs if r.residual and r.has("residual_ratio")]
     if not res:
         return None
     run = sorted(res, key=lambda r: (-r.depth, r.seed if r.seed is not None else -1))[0]
