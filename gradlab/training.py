@@ -414,7 +414,6 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     sink = _Sink(writer, dash)
     ckpt_every = cfg.checkpoint_every or max(cfg.every, min(1000, steps // 4 or 1))
     eval_every = cfg.eval_every or max(1, steps // 10)
-    parts: list[str] = [p.name for p in sorted(rd.metrics_dir.glob("part-*.parquet"))]
     final: dict[str, float] = {}
     failure: dict[str, Any] | None = None
     status = "completed"
@@ -437,9 +436,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                     # Stopped between steps: save this point too, so that --resume repeats
                     # nothing and no written row is set aside.
                     status = "interrupted"
-                    sink.flush()
-                    parts = [p.name for p in sorted(rd.metrics_dir.glob("part-*.parquet"))]
-                    ckpt.save(rd.checkpoint_dir / "last.pt", model, opt, gen, step, parts, cfg)
+                    _checkpoint(sink, rd, tr, step)
                     break
                 logged = step % cfg.every == 0 or step == steps - 1
                 lr = lr_at(cfg, step, steps)
@@ -482,9 +479,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                     sink.put(done, _rows({"test_loss": ev[0], "test_accuracy": ev[1]}))
                     final.update(test_loss=float(ev[0]), test_accuracy=float(ev[1]))
                 if done % ckpt_every == 0 or done == steps:
-                    sink.flush()
-                    parts = [p.name for p in sorted(rd.metrics_dir.glob("part-*.parquet"))]
-                    ckpt.save(rd.checkpoint_dir / "last.pt", model, opt, gen, done, parts, cfg)
+                    _checkpoint(sink, rd, tr, done)
                 mark_t += time.perf_counter() - t_aside
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -496,6 +491,15 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
         raise NonFiniteError(failure["reason"])
     return TrainResult(rd.path, status, done, final, time.perf_counter() - t_start, failure,
                        stop_signal[0] if stop_signal else None)
+
+
+def _checkpoint(sink: _Sink, rd: RunDir, tr: Trainer, step: int) -> None:
+    """Write every buffered row as a whole part, then checkpoint naming the parts it covers."""
+    from gradlab import checkpoint as ckpt
+
+    sink.flush()
+    parts = [p.name for p in sorted(rd.metrics_dir.glob("part-*.parquet"))]
+    ckpt.save(rd.checkpoint_dir / "last.pt", tr.model, tr.opt, tr.gen, step, parts, tr.cfg)
 
 
 def _finish(sink: _Sink, rd: RunDir, dash, status: str, failure, final, bar, previous) -> None:
