@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -27,14 +29,6 @@ def _load(name: str):
         sys.modules[key] = mod
         spec.loader.exec_module(mod)
     return sys.modules[key]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 CPU = torch.device("cpu")

@@ -18,13 +18,7 @@ HOOK_METRICS = {"grad_norm", "weight_norm", "response_std", "response_grad_norm"
                 "residual_ratio", "residual_cosine", "identity_gap"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: OpenMP threads cost far more than they save on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BASE = TrainConfig(model="resnet20", dataset="digits", steps=8, every=3, batch_size=16,
