@@ -14,19 +14,12 @@ import pandas as pd
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
+from helpers import invoke, one_line_error, snapshot
 
 from gradlab.cli import app
 from gradlab.models import create_model, list_models
 
-runner = CliRunner()
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +122,6 @@ def test_no_arguments_prints_help() -> None:
 
 
 # -- bad input: one line on stderr, exit code 2, nothing changed -------------------------------
-def snapshot(root: Path) -> dict[str, tuple]:
-    return {str(p.relative_to(root)): ((p.read_bytes(), p.stat().st_mtime_ns) if p.is_file()
-                                       else None)
-            for p in sorted(root.rglob("*"))}
-
-
 def _corrupt_checkpoint(run: Path) -> None:
     (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
 
@@ -197,19 +184,13 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: str, probe_run,
     shutil.copytree(probe_run[0], out / "r20")
     if damage:
         damage(out / "r20")
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, mtimes=True)
     result = invoke("probe", "--model", "resnet20", "--steps", 3, "--every", 1,
                     "--batch-size", 8, "--device", "cpu", "--no-tensorboard", "-q",
                     "--out", out, *(a.format(out=out) for a in args))
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("gradlab: error: ")
-    assert "Traceback" not in result.output and not result.stdout
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    assert snapshot(tmp_path) == before, "the command changed files"
+    one_line_error(result, *words)
+    assert not result.stdout
+    assert snapshot(tmp_path, mtimes=True) == before, "the command changed files"
 
 
 def test_cifar10_missing_and_offline(probe_run, tmp_path, monkeypatch) -> None:
@@ -220,14 +201,12 @@ def test_cifar10_missing_and_offline(probe_run, tmp_path, monkeypatch) -> None:
     out = tmp_path / "out"
     shutil.copytree(probe_run[0], out / "r20")
     data = tmp_path / "cifar"
-    before = snapshot(out)
+    before = snapshot(out, mtimes=True)
     result = invoke("probe", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", data,
                     "--steps", 3, "--device", "cpu", "-q", "--out", out)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gradlab: error: ")
-    assert "CIFAR-10" in lines[0] and str(data) in lines[0] and "Traceback" not in result.output
-    assert snapshot(out) == before
+    line = one_line_error(result)
+    assert "CIFAR-10" in line and str(data) in line
+    assert snapshot(out, mtimes=True) == before
     assert not data.exists() or not list(data.iterdir())  # no half-downloaded leftovers
 
 

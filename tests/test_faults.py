@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -31,65 +30,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import assert_same_run, checkpoint, invoke, one_line_error, snapshot, table
 
-from gradlab.cli import app
 from gradlab.config import TrainConfig
 from gradlab.runs import load_run
 from gradlab.training import NonFiniteError, train
 
-runner = CliRunner()
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def table(run_dir: Path) -> pd.DataFrame:
-    """The metrics as pandas reads them, minus the wall-clock throughput, in a fixed order."""
-    df = pd.read_parquet(run_dir / "metrics")
-    df = df[df.metric != "images_per_s"]
-    return df.sort_values(["step", "metric", "layer"]).reset_index(drop=True)
-
-
-def checkpoint(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Final weights, optimizer state and metrics table of two runs are exactly equal."""
-    ca, cb = checkpoint(a), checkpoint(b)
-    assert ca["step"] == cb["step"]
-    assert ca["model"].keys() == cb["model"].keys()
-    for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb["model"][k]), k
-    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
-    raw = pd.read_parquet(b / "metrics")
-    assert not raw.duplicated(["step", "layer", "metric"]).any(), "rows written twice"
-    pd.testing.assert_frame_equal(table(a), table(b))
-
-
-def snapshot(root: Path) -> dict[str, str | None]:
-    """sha256 of every file under ``root`` (folders as None), to prove nothing changed."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest()
-                                       if p.is_file() else None)
-            for p in sorted(root.rglob("*"))}
-
-
-def one_line_error(result, *words: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("gradlab: error: ") and "Traceback" not in result.output
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
 
 
 # -- killed mid-run: SIGKILL, SIGTERM, SIGINT ----------------------------------------------------

@@ -8,6 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from helpers import Interrupt, assert_same_run, checkpoint, interrupt_at, table
 
 from gradlab import create_model
 from gradlab.config import ConfigError, TrainConfig
@@ -23,17 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASE = TrainConfig(model="resnet20", dataset="digits", steps=8, every=3, batch_size=16,
                    warmup_steps=2, eval_every=4, checkpoint_every=4, seed=0, device="cpu")
-
-
-def table(run_dir) -> pd.DataFrame:
-    """The metrics as pandas reads them, minus the wall-clock throughput, in a fixed order."""
-    df = pd.read_parquet(run_dir / "metrics")
-    df = df[df.metric != "images_per_s"]
-    return df.sort_values(["step", "metric", "layer"]).reset_index(drop=True)
-
-
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +168,7 @@ def test_run_names_are_one_path_component(name: str, tmp_path) -> None:
 # -- reproducibility and resume ----------------------------------------------------------------
 def test_same_seed_same_metrics_and_weights(base, tmp_path) -> None:
     again = train(BASE, tmp_path, "again", dashboard=False)
-    pd.testing.assert_frame_equal(table(base.run_dir), table(again.run_dir))
-    a, b = weights(base.run_dir)["model"], weights(again.run_dir)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(base.run_dir, again.run_dir)
     other = train(BASE.replace(seed=1, steps=1, every=1), tmp_path, "other", dashboard=False)
     lo = table(other.run_dir)
     lb = table(base.run_dir)
@@ -189,27 +177,6 @@ def test_same_seed_same_metrics_and_weights(base, tmp_path) -> None:
 
 RESUME = TrainConfig(model="resnet20", dataset="digits", steps=9, every=2, batch_size=16,
                      eval_every=3, checkpoint_every=4, seed=1, device="cpu")
-
-
-class Interrupt(RuntimeError):
-    pass
-
-
-def interrupt_at(step: int):
-    """An on_model callback whose hook raises at the start of training step ``step``."""
-
-    def on_model(model):
-        seen = []
-
-        def pre(mod, args):
-            if mod.training and torch.is_grad_enabled():
-                if len(seen) == step:
-                    raise Interrupt(f"stopped at step {step}")
-                seen.append(1)
-
-        model.register_forward_pre_hook(pre)
-
-    return on_model
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +193,7 @@ def test_resume_gives_the_uninterrupted_run(stop: int, uninterrupted, tmp_path) 
     assert info["status"] == "failed" and "Interrupt" in info["failure"]["reason"]
     ckpt = cut / "checkpoints" / "last.pt"
     if stop > 4:
-        assert weights(cut)["step"] == 4
+        assert checkpoint(cut)["step"] == 4
         # rows of steps 4..6 were written after the checkpoint: they are on disk before resume
         assert table(cut).step.max() > 4
     else:
@@ -238,17 +205,9 @@ def test_resume_gives_the_uninterrupted_run(stop: int, uninterrupted, tmp_path) 
     assert info["status"] == "completed" and info["resumed_at"] == (4 if stop > 4 else 0)
     assert info["config"] == RESUME.to_dict()
 
-    a, b = weights(uninterrupted), weights(cut)
-    assert a["step"] == b["step"] == 9
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
-
+    assert checkpoint(cut)["step"] == 9
+    assert_same_run(uninterrupted, cut)
     raw = pd.read_parquet(cut / "metrics")
-    assert not raw.duplicated(["step", "layer", "metric"]).any(), "rows written twice"
-    pd.testing.assert_frame_equal(table(uninterrupted), table(cut))
     loaded = load_run(cut).metrics
     assert len(loaded) == len(raw)
     assert sorted(raw[raw.metric == "loss"].step) == [0, 2, 4, 6, 8]
