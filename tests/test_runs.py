@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import snapshot
 
 import gradlab
 from gradlab.runs import (
@@ -42,11 +43,6 @@ def make_run(path, parts=((0, STEP0), (5, STEP5)), **info) -> RunDir:
         w.flush()
     rd.mark("completed")
     return rd
-
-
-def files(root) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
 
 
 # -- parts -------------------------------------------------------------------------------------
@@ -227,11 +223,11 @@ def test_load_run_part_with_garbage(tmp_path) -> None:
 
 def test_create_refuses_an_existing_run_unless_forced(tmp_path) -> None:
     make_run(tmp_path / "r")
-    before = files(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(RunError) as e:
         RunDir.create(tmp_path / "r", {})
     assert "--resume" in _message(e) and "--force" in str(e.value)
-    assert files(tmp_path) == before
+    assert snapshot(tmp_path) == before
     rd = RunDir.create(tmp_path / "r", {"config": {}}, force=True)
     assert not list(rd.metrics_dir.iterdir())
     assert load_run(tmp_path / "r").status == "running"

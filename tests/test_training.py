@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from helpers import Interrupt, assert_same_run, checkpoint, interrupt_at, table
+from helpers import Interrupt, assert_same_run, checkpoint, interrupt_at, snapshot, table
 
 from gradlab import create_model
 from gradlab.config import ConfigError, TrainConfig
@@ -225,10 +225,10 @@ def test_existing_run_is_not_overwritten_without_force(base, tmp_path) -> None:
     from gradlab.runs import RunError
 
     first = train(BASE.replace(steps=1, every=1), tmp_path, "r", dashboard=False)
-    before = {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()}
+    before = snapshot(first.run_dir)
     with pytest.raises(RunError, match="already exists"):
         train(BASE.replace(steps=1, every=1), tmp_path, "r", dashboard=False)
-    assert {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()} == before
+    assert snapshot(first.run_dir) == before
     forced = train(BASE.replace(steps=2, every=1), tmp_path, "r", force=True, dashboard=False)
     assert sorted(table(forced.run_dir)[lambda d: d.metric == "loss"].step) == [0, 1]
 
