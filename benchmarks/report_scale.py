@@ -20,9 +20,10 @@ reuses them too); the report is given exactly the runs asked for.
 With ``--profile`` (automatic when a target is missed) a second child runs build_report's
 stages one by one (load, claims, figures, html, pdf) and reports each one's time and peak RSS,
 and three more load one run: as gradlab does it, step by step (Parquet read, concat, to_pandas,
-de-duplication, split per metric); the same rows read leanly (dictionary-encoded strings, no
-de-duplication); and streamed part by part into the aggregates the report draws from (binned
-series, tail means, scalars), to show where time and memory go and what a fix would save.
+de-duplication, split per metric) as gradlab did before it summarised long runs; the same rows
+read leanly (dictionary-encoded strings, no de-duplication); streamed part by part into the
+aggregates the report draws from (binned series, tail means, scalars); and gradlab's own
+``load_run_for_report`` (the whole-table ways are skipped above ``WHOLE_LOAD_MAX_ROWS`` rows).
 
     python benchmarks/report_scale.py                 # 100k steps x 4 runs (writes ~GBs once)
     python benchmarks/report_scale.py --quick         # 10k steps
@@ -270,7 +271,9 @@ def child_load(run: Path, mode: str, result: Path) -> None:
       no re-sort (parts are in step order): the floor for holding every row;
     * ``stream``: part by part, reduced on the fly to what the claims and figures use: every
       (metric, layer) binned into ``figures.MAX_POINTS`` step ranges (sum, count, min, max) plus
-      its mean over the last 10% of steps; only model-wide scalars are kept whole.
+      its mean over the last 10% of steps; only model-wide scalars are kept whole (the sketch
+      that ``gradlab.report.load`` now implements);
+    * ``gradlab``: ``gradlab.report.load.load_run_for_report`` itself, as the report loads it.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -293,7 +296,18 @@ def child_load(run: Path, mode: str, result: Path) -> None:
                                  " B/row)", "seconds": 0, "rss": b, "peak": b})
         st.path.write_text(json.dumps(st.rows))
 
-    if mode == "current":
+    if mode == "gradlab":
+        from gradlab.report.load import load_run_for_report
+
+        run_ = st.run("gradlab: load_run_for_report", lambda: load_run_for_report(run))
+        s = run_.summary
+        b = sum(int(t.memory_usage(deep=True).sum()) for t in run_.tables.values())
+        if s is not None:
+            b += sum(a.nbytes for a in (s.sums, s.counts, s.step_sums, s.mins, s.maxs))
+        st.rows.append({"stage": "gradlab: " + ("summary" if s is not None else "tables")
+                        + " held", "seconds": 0, "rss": b, "peak": b})
+        st.path.write_text(json.dumps(st.rows))
+    elif mode == "current":
         def read():
             state["tables"] = [pq.read_table(p, columns=METRICS_SCHEMA.names, filters=filters)
                                for p in parts]
@@ -454,15 +468,23 @@ def measure(runs: list[Path], cap: int) -> dict:
     return r
 
 
+#: Above this many rows a run is not loaded the old ways (whole tables) when profiling: they
+#: need several GiB, which a shared machine may not have.
+WHOLE_LOAD_MAX_ROWS = 20_000_000
+
+
 def profile(runs: list[Path], cap: int) -> tuple[dict, dict[str, dict]]:
     """Per-stage time/peak of the report, and the loading breakdown of the first run."""
+    modes = ("current", "lean", "stream", "gradlab")
+    if rows_of(runs[0]) > WHOLE_LOAD_MAX_ROWS:
+        modes = ("stream", "gradlab")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "out").mkdir()
         stages = spawn(["--child", "stages", _joined(runs), str(Path(tmp) / "out")],
                        Path(tmp) / "stages.json", cap)
         load = {mode: spawn(["--child", "load", str(runs[0]), mode],
                             Path(tmp) / f"load-{mode}.json", cap)
-                for mode in ("current", "lean", "stream")}
+                for mode in modes}
     return stages, load
 
 

@@ -11,7 +11,13 @@ Aggregation, stated in every caption:
   ``MAX_POINTS`` equal step ranges (mean per bin); across seeds the line is the mean and the band
   the min-max.
 * Per-layer profiles: the mean over seeds of each layer's value (final = mean over the last 10%
-  of logged steps, as in the claims), band min-max over seeds.
+  of logged steps, as in the claims), band min-max over seeds. These, and the step-0 and
+  last-step profiles, are exact for every run, long or short.
+* Long runs (more than ``MAX_POINTS`` distinct logged steps) are summarised while loading (see
+  :mod:`~gradlab.report.load`): model-wide scalars are kept whole and binned here as above;
+  per-layer series over steps (the residual_ratio heatmap) come from the run's ``MAX_POINTS``
+  equal step bins (mean per bin, plotted at the mean step of the bin's rows), averaged into the
+  heatmap's columns.
 """
 
 from __future__ import annotations
@@ -381,6 +387,12 @@ def fig_ratio_heatmap(runs: Sequence[LoadedRun], pal: _Palette, suffix: str
     fig.colorbar(im, ax=ax, label="residual_ratio (log colour scale)")
     binned = (f" Steps are binned into {HEATMAP_COLUMNS} equal ranges (mean per bin)."
               if edges is not None else " Every logged step is a column.")
+    if run.summary is not None:
+        bins = len(run.summary.edges) - 1
+        binned = (f" The run has {len(run.steps('residual_ratio')):,} logged steps and was "
+                  f"summarised while loading into {bins:,} step bins (mean of each block's "
+                  f"values per bin, at the bin's mean step); those bin means are averaged into "
+                  f"{min(HEATMAP_COLUMNS, bins)} equal step ranges, one per column.")
     caption = (f"residual_ratio (||F(x)|| / ||shortcut(x)||) of every block of {run.name} "
                "across training, viridis colour map on a log scale." + binned)
     return ("residual_ratio_heatmap" + _slug(suffix), caption, _png(fig))

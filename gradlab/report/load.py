@@ -74,6 +74,8 @@ EARLY_METRICS = ("response_grad_norm",)
 #: is also the most points a curve in a figure is drawn with).
 MAX_POINTS = 2000
 
+SCALAR, PER_LAYER, UNWANTED = 1, 2, 0  # kinds of series (see _Series.arrays)
+
 #: Processes that load long runs side by side (bounded: each holds one run's part at a time).
 LOAD_WORKERS = 2
 
@@ -347,12 +349,18 @@ class _Series:
         return len(self.layer)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(metric id, is a per-layer series) per series id."""
-        return (np.asarray(self.metric_id, dtype=np.int64),
-                np.asarray([bool(x) for x in self.layer], dtype=bool))
+        """(metric id, kind) per series id, kind ``SCALAR`` or ``PER_LAYER``; one more entry at
+        the end, kind ``UNWANTED``, which the id -1 of rows of unwanted metrics indexes."""
+        return (np.asarray([*self.metric_id, 0], dtype=np.int64),
+                np.asarray([*(PER_LAYER if x else SCALAR for x in self.layer), UNWANTED],
+                           dtype=np.int8))
 
     def read(self, part: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``step, series id, value`` of the wanted rows of one part, in the part's row order."""
+        """``step, series id, value`` of one part's rows, in order; id -1: an unwanted metric.
+
+        Unwanted rows are not dropped here: one selection later (by kind) drops them together
+        with what the caller does not need, instead of copying every column twice.
+        """
         try:
             t = pq.read_table(part, columns=["step", "layer", "metric", "value"],
                               read_dictionary=["layer", "metric"], use_threads=False)
@@ -365,13 +373,16 @@ class _Series:
             ld, md = layer.dictionary.to_pylist(), metric.dictionary.to_pylist()
             pair = (metric.indices.to_numpy(zero_copy_only=False).astype(np.int64) * len(ld)
                     + layer.indices.to_numpy(zero_copy_only=False))
-            lut = self._lut(part, md, ld, pair, offset)
-            sid = lut[pair]
-            keep = sid >= 0
-            steps.append(batch.column(0).to_numpy()[keep])
-            ids.append(sid[keep])
-            values.append(batch.column(3).to_numpy(zero_copy_only=False)[keep])
+            lut = self._luts.get((tuple(md), tuple(ld)))
+            sid = lut[pair] if lut is not None else None
+            if sid is None or (sid == -2).any():  # pairs not met before: resolve them
+                sid = self._lut(part, md, ld, pair, offset)[pair]
+            steps.append(batch.column(0).to_numpy())
+            ids.append(sid)
+            values.append(batch.column(3).to_numpy(zero_copy_only=False))
             offset += batch.num_rows
+        if len(steps) == 1:
+            return steps[0], ids[0], values[0]
         if not steps:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, np.zeros(0)
@@ -428,13 +439,13 @@ def _needed(parts: Sequence[_Part], want) -> list[int]:
 
 
 def _rows(parts: Sequence[_Part], series: _Series, indices: Sequence[int] | None = None
-          ) -> Iterator[tuple[_Part, np.ndarray, np.ndarray, np.ndarray]]:
-    """``(part, step, series id, value)`` for ``parts[i]``, ``i`` in ``indices`` (default all).
+          ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(step, series id, value)`` batches of ``parts[i]``, ``i`` in ``indices`` (default all).
 
     Each row comes once. Parts are in step order; two neighbours may share one step (evaluation
-    rows land at ``step + 1``, the next part's first step). Rows at a shared step are held back
-    and merged with the next part's, keeping the later row when a (step, series) repeats, as
-    ``read_metrics`` does.
+    rows land at ``step + 1``, the next part's first step). A part's rows at a step the next
+    part shares are held back, and dropped where the next part has the same series at that step
+    (the later copy wins, as in ``read_metrics``); the rest come as a batch of their own.
     """
     indices = list(range(len(parts))) if indices is None else list(indices)
     held: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -443,23 +454,24 @@ def _rows(parts: Sequence[_Part], series: _Series, indices: Sequence[int] | None
         step, sid, value = series.read(part.path)
         if held is not None:
             at_step, h_step, h_sid, h_value = held
-            step = np.concatenate([h_step, step])
-            sid = np.concatenate([h_sid, sid])
-            value = np.concatenate([h_value, value])
-            at = np.flatnonzero(step == at_step)
-            s = sid[at]
-            _, last = np.unique(s[::-1], return_index=True)
-            keep = np.ones(len(step), dtype=bool)
-            keep[at] = False
-            keep[at[len(s) - 1 - last]] = True
-            step, sid, value = step[keep], sid[keep], value[keep]
+            later = sid[step == at_step]
+            keep = ~np.isin(h_sid, later)
+            if keep.any():
+                yield h_step[keep], h_sid[keep], h_value[keep]
             held = None
         nxt = indices[n + 1] if n + 1 < len(indices) else None
         if nxt == i + 1 and parts[nxt].lo == part.hi:
-            m = step == part.hi
-            held = (part.hi, step[m], sid[m], value[m])
-            step, sid, value = step[~m], sid[~m], value[~m]
-        yield part, step, sid, value
+            at = np.flatnonzero(step == part.hi)
+            if len(at) and at[0] == len(step) - len(at):  # the usual case: the last rows
+                cut = int(at[0])
+                held = (part.hi, step[cut:], sid[cut:], value[cut:])
+                step, sid, value = step[:cut], sid[:cut], value[:cut]
+            else:
+                m = np.zeros(len(step), dtype=bool)
+                m[at] = True
+                held = (part.hi, step[m], sid[m], value[m])
+                step, sid, value = step[~m], sid[~m], value[~m]
+        yield step, sid, value
 
 
 @dataclass
@@ -528,9 +540,9 @@ class RunSummary:
         want = np.unique(np.asarray(list(steps), dtype=np.int64))
         series = _Series([name])
         chunks = []
-        for _, step, sid, value in _rows(self.parts, series,
-                                         _needed(self.parts, lambda s: np.isin(s, want))):
-            m = np.isin(step, want)
+        for step, sid, value in _rows(self.parts, series,
+                                      _needed(self.parts, lambda s: np.isin(s, want))):
+            m = np.isin(step, want) & (sid >= 0)
             chunks.append((step[m], sid[m], value[m]))
         return _frame(series, chunks)
 
@@ -575,23 +587,26 @@ class _Bins:
             a = getattr(self, name)
             setattr(self, name, np.vstack([a, np.full((extra, self.nb), fill, dtype=a.dtype)]))
 
-    def add(self, step: np.ndarray, sid: np.ndarray, value: np.ndarray, n: int) -> None:
-        """Add rows (NaN values skipped, as pandas' mean skips them); ``n``: series so far."""
+    def add(self, step: np.ndarray, sid: np.ndarray, value: np.ndarray, n: int,
+            lo: int, hi: int) -> None:
+        """Add rows (NaN values skipped, as pandas' mean skips them); ``n``: series so far;
+        ``lo``, ``hi``: bounds of the steps."""
         self._grow(n)
         ok = ~np.isnan(value)
         if not ok.all():
             step, sid, value = step[ok], sid[ok], value[ok]
         if len(step) == 0:
             return
-        lo, hi = int(step.min()), int(step.max())
         if hi - lo <= 4 * len(step):  # a part spans few steps: bin each step once
             lut = np.searchsorted(self.edges, np.arange(lo, hi + 1), side="right") - 1
-            b = np.clip(lut, 0, self.nb - 1)[step - lo]
+            lut = np.clip(lut, 0, self.nb - 1)
+            b = lut[step - lo]
+            b0, b1 = int(lut[0]), int(lut[-1])
         else:
             b = np.clip(np.searchsorted(self.edges, step, side="right") - 1, 0, self.nb - 1)
+            b0, b1 = int(b.min()), int(b.max())
         # Only the few bins this part touches: small, cache-resident bincounts.
-        b0 = int(b.min())
-        width = int(b.max()) - b0 + 1
+        width = b1 - b0 + 1
         flat = sid * width + (b - b0)
         size = n * width
         cols = slice(b0, b0 + width)
@@ -607,11 +622,12 @@ class _Bins:
         np.maximum(self.maxs[:, cols], hi_v.reshape(n, width), out=self.maxs[:, cols])
 
 
-def _distinct_by(group: np.ndarray, step: np.ndarray, groups: int) -> dict[int, np.ndarray]:
-    """Distinct steps of each group id present (``group`` in ``[0, groups)``)."""
+def _distinct_by(group: np.ndarray, step: np.ndarray, groups: int, lo: int, hi: int
+                 ) -> dict[int, np.ndarray]:
+    """Distinct steps of each group id present (``group`` in ``[0, groups)``, steps within
+    ``[lo, hi]``)."""
     if len(step) == 0:
         return {}
-    lo, hi = int(step.min()), int(step.max())
     span = hi - lo + 1
     if span * groups <= 4 * len(step) + 4096:
         seen = np.bincount(group * span + (step - lo), minlength=groups * span)
@@ -623,42 +639,46 @@ def _distinct_by(group: np.ndarray, step: np.ndarray, groups: int) -> dict[int, 
     return out
 
 
-def _summarise(parts: list[_Part], metrics: Sequence[str]
+def _summarise(parts: list[_Part], metrics: Sequence[str], max_points: int
                ) -> tuple[dict[str, pd.DataFrame], RunSummary]:
     """Stream a long run's parts into exact tables (what is kept) and a :class:`RunSummary`."""
     series = _Series(metrics)
     distinct = np.unique(np.concatenate([p.steps for p in parts]))
     first_step, last_step = int(distinct[0]), int(distinct[-1])
-    bins = _Bins(np.linspace(first_step, last_step + 1, MAX_POINTS + 1))
+    bins = _Bins(np.linspace(first_step, last_step + 1, max_points + 1))
     # rows of EARLY_METRICS at steps <= this are kept: at least the first EARLY_FRACTION of
     # any metric's steps, whose last step is at most the run's
     early_until = EARLY_FRACTION * last_step
     exact: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     found: dict[int, list[np.ndarray]] = {}
     first_of = np.full(len(set(metrics)), np.iinfo(np.int64).max)
-    arrays = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+    arrays = series.arrays()
 
     def ids() -> tuple[np.ndarray, np.ndarray]:
         nonlocal arrays
-        if len(arrays[0]) != len(series):
+        if len(arrays[0]) != len(series) + 1:
             arrays = series.arrays()
         return arrays
 
     # Pass 1, every part: scalars whole, bins, distinct steps, first steps, the early window.
-    for _, step, sid, value in _rows(parts, series):
+    for step, sid, value in _rows(parts, series):
         if len(step) == 0:
             continue
-        metric_of, per_layer = ids()
-        layer = per_layer[sid]
+        metric_of, kind = ids()
+        k = kind[sid]
+        wide = np.flatnonzero(k == SCALAR)
+        if len(wide):
+            exact.append((step[wide], sid[wide], value[wide]))
+        layer = k == PER_LAYER
         if not layer.all():
-            exact.append((step[~layer], sid[~layer], value[~layer]))
             step, sid, value = step[layer], sid[layer], value[layer]
         if len(step) == 0:
             continue
-        bins.add(step, sid, value, len(series))
+        lo, hi = int(step.min()), int(step.max())
+        bins.add(step, sid, value, len(series), lo, hi)
         mid = metric_of[sid]
         new = []
-        for m, st in _distinct_by(mid, step, len(series.metric_names)).items():
+        for m, st in _distinct_by(mid, step, len(series.metric_names), lo, hi).items():
             found.setdefault(m, []).append(st)
             if len(found[m]) == 1:
                 first_of[m] = st[0]
@@ -668,11 +688,11 @@ def _summarise(parts: list[_Part], metrics: Sequence[str]
             exact.append((step[keep], sid[keep], value[keep]))
         early = [series.metric_names.index(m) for m in EARLY_METRICS
                  if m in series.metric_names]
-        if early and step.min() <= early_until:
+        if early and lo <= early_until:
             keep = np.isin(mid, early) & (step <= early_until)
             exact.append((step[keep], sid[keep], value[keep]))
 
-    metric_of, per_layer = ids()
+    metric_of, kind = ids()
     names = series.metric_names
     layer_steps = {names[m]: np.unique(np.concatenate(st)) for m, st in found.items()}
     # Pass 2, only the parts holding the last TAIL_FRACTION of some metric's steps: exact tail
@@ -688,8 +708,8 @@ def _summarise(parts: list[_Part], metrics: Sequence[str]
     sums, counts, seen = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     if found:
         start = int(min(tail_from.min(), last_of.min()))
-        for _, step, sid, value in _rows(parts, series, _needed(parts, lambda s: s >= start)):
-            layer = per_layer[sid]
+        for step, sid, value in _rows(parts, series, _needed(parts, lambda s: s >= start)):
+            layer = kind[sid] == PER_LAYER
             mid = metric_of[sid]
             in_tail = layer & (step >= tail_from[mid])
             seen += np.bincount(sid[in_tail], minlength=n)
@@ -701,6 +721,7 @@ def _summarise(parts: list[_Part], metrics: Sequence[str]
 
     layers = np.asarray(series.layer, dtype=object)
     depths = np.asarray(series.depth, dtype=np.int32)
+    metric_of, per_layer = metric_of[:-1], kind[:-1] == PER_LAYER  # without the sentinel
     tails = {}
     for m in found:
         sel = np.flatnonzero((metric_of == m) & per_layer & (seen > 0))
@@ -807,14 +828,16 @@ def _split_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def load_run_for_report(path: Path, metrics: Sequence[str] = REPORT_METRICS) -> LoadedRun:
+def load_run_for_report(path: Path, metrics: Sequence[str] = REPORT_METRICS,
+                        max_points: int | None = None) -> LoadedRun:
     """Load one run directory (only ``metrics``); raises ValueError/RunError with the reason.
 
     A run of more than ``MAX_POINTS`` distinct logged steps is summarised while it is read (see
     the module docstring); a shorter one, or one whose parts' steps interleave (parts copied
     together by hand: ``gradlab`` itself trims a resumed run's parts to its checkpoint), is read
-    whole.
+    whole. ``max_points`` overrides ``MAX_POINTS``.
     """
+    max_points = MAX_POINTS if max_points is None else max_points
     info = read_run_json(path)
     family, depth, residual, variant = _identity(info)
     mdir = Path(path) / "metrics"
@@ -825,8 +848,8 @@ def load_run_for_report(path: Path, metrics: Sequence[str] = REPORT_METRICS) -> 
     distinct = np.unique(np.concatenate([p.steps for p in parts])) if parts else []
     ordered = all(a.hi <= b.lo for a, b in zip(parts, parts[1:], strict=False))
     summary = None
-    if ordered and len(distinct) > MAX_POINTS:
-        tables, summary = _summarise(parts, metrics)
+    if ordered and len(distinct) > max_points:
+        tables, summary = _summarise(parts, metrics, max_points)
     else:
         tables = {}
         df = read_metrics(path, metrics=list(metrics), categorical=True)
@@ -839,10 +862,10 @@ def load_run_for_report(path: Path, metrics: Sequence[str] = REPORT_METRICS) -> 
                      tables=tables, summary=summary)
 
 
-def _load_or_reason(path: Path, metrics: Sequence[str]) -> LoadedRun | str:
+def _load_or_reason(path: Path, metrics: Sequence[str], max_points: int) -> LoadedRun | str:
     """A loaded run, or why it cannot be used (one line, without the path)."""
     try:
-        return load_run_for_report(path, metrics)
+        return load_run_for_report(path, metrics, max_points)
     except (RunError, ValueError) as e:
         # RunError messages start with the path already; keep only the reason.
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -850,18 +873,57 @@ def _load_or_reason(path: Path, metrics: Sequence[str]) -> LoadedRun | str:
 
 
 def _load_all(paths: Sequence[Path], metrics: Sequence[str]) -> list[LoadedRun | str]:
-    """Load runs, side by side in ``LOAD_WORKERS`` processes when there is much to read."""
-    size = sum(f.stat().st_size for p in paths for f in (p / "metrics").glob("part-*.parquet"))
-    workers = min(LOAD_WORKERS, len(paths), os.cpu_count() or 1)
-    if workers < 2 or size < PARALLEL_MIN_BYTES:
-        return [_load_or_reason(p, metrics) for p in paths]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    """Load runs, side by side in ``LOAD_WORKERS`` processes when there is much to read.
 
-    # forkserver: a fresh process, not a fork of one whose Arrow threads may hold locks.
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
-        return list(pool.map(_load_or_reason, paths, [tuple(metrics)] * len(paths)))
+    Each worker is a fresh interpreter (:mod:`gradlab.report._load_worker`) given a share of the
+    runs, balanced by bytes on disk; it holds one part of one run at a time, so memory stays
+    bounded. Should a worker fail (it cannot start, or is killed), its runs are loaded here.
+    """
+    sizes = [sum(f.stat().st_size for f in (p / "metrics").glob("part-*.parquet"))
+             for p in paths]
+    workers = min(LOAD_WORKERS, len(paths), os.cpu_count() or 1)
+    if workers < 2 or sum(sizes) < PARALLEL_MIN_BYTES:
+        return [_load_or_reason(p, metrics, MAX_POINTS) for p in paths]
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+    import warnings
+
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for i in sorted(range(len(paths)), key=lambda i: -sizes[i]):  # largest first, to the
+        w = load.index(min(load))                                 # least loaded worker
+        shares[w].append(i)
+        load[w] += sizes[i]
+    out: list[LoadedRun | str | None] = [None] * len(paths)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    with tempfile.TemporaryDirectory(prefix="gradlab-load-") as tmp:
+        procs = []
+        for w, share in enumerate(shares):
+            job, result = Path(tmp) / f"job-{w}.pkl", Path(tmp) / f"result-{w}.pkl"
+            job.write_bytes(pickle.dumps(([paths[i] for i in share], tuple(metrics),
+                                          MAX_POINTS)))
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "gradlab.report._load_worker", str(job), str(result)],
+                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE)
+            except OSError:
+                proc = None
+            procs.append((share, proc, result))
+        for share, proc, result in procs:
+            err = proc.communicate()[1] if proc is not None else b"could not start"
+            if proc is not None and proc.returncode == 0 and result.exists():
+                for i, r in zip(share, pickle.loads(result.read_bytes()), strict=True):
+                    out[i] = r
+                continue
+            last = (err or b"").decode(errors="replace").strip().splitlines()[-1:] or ["killed"]
+            warnings.warn(f"a report load worker failed ({last[0]}); loading its runs here",
+                          RuntimeWarning, stacklevel=3)
+            for i in share:
+                out[i] = _load_or_reason(paths[i], metrics, MAX_POINTS)
+    return out  # type: ignore[return-value]
 
 
 def _status_rank(r: LoadedRun) -> tuple:
