@@ -208,6 +208,11 @@ def models() -> None:
     typer.echo("Any depth 6n+2 works too (e.g. resnet26); --shortcut B adds 1x1 projections.")
 
 
+def _formats(text: str) -> tuple[str, ...]:
+    """The --format list ("html,pdf"), blanks dropped; report building rejects unknown ones."""
+    return tuple(f.strip() for f in text.split(",") if f.strip())
+
+
 def _print_report(rep) -> None:
     for c in rep.claims:
         why = f" ({c.reason})" if c.verdict == "inconclusive" and c.reason else ""
@@ -235,7 +240,7 @@ def run_cmd(
     then write its report to REPORTS/<suite>/."""
     from gradlab.suites import run_suite
 
-    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    formats = _formats(format)
     res = run_suite(suite, runs_root=runs, reports_root=reports, progress=not quiet,
                     formats=formats, report=not no_report,
                     on_run=lambda name, what: typer.echo(f"{what} {name}"))
@@ -261,7 +266,7 @@ def report(
     """Test the claims on runs and write report.html (self-contained) and report.pdf."""
     from gradlab.report import build_report
 
-    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    formats = _formats(format)
     out = out or Path("reports") / (run_dirs[0].resolve().name or "report")
     wanted = [c.strip() for c in claims.split(",")] if claims else None
     rep = build_report(list(run_dirs), out, formats=formats, claims=wanted, title=title)
