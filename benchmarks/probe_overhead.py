@@ -23,6 +23,7 @@ into the next (often unprobed) block on a machine with few cores.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -101,19 +102,35 @@ def measure(model: str, batch: int, everies: list[int], rounds: int, block: int,
 
         for m in modes:  # warm-up: allocator, oneDNN primitives, first-pass probe setup
             run_block(m)
-        times: dict[int | None, list[float]] = {m: [] for m in modes}
-        for _ in range(rounds):
-            for m in modes:
-                times[m].append(run_block(m))
+        # Block times on a shared machine drift by several percent within a minute, so each
+        # probed block is paired with an unprobed block right beside it (order alternating,
+        # ABBA) and the ratio is taken per pair; the median over pairs is the estimate.
+        ratios: dict[int, list[float]] = {m: [] for m in everies}
+        base_times: list[float] = []
+        for r in range(rounds):
+            for m in everies:
+                if r % 2 == 0:
+                    t_base, t_probed = run_block(None), run_block(m)
+                else:
+                    t_probed, t_base = run_block(m), run_block(None)
+                ratios[m].append(t_probed / t_base)
+                base_times.append(t_base)
         sink.flush()
         sink.close()
         if dash is not None:
             dash.close()
-    base = statistics.median(times[None])
-    out = {"unprobed_ms": base * 1e3}
+    out = {"unprobed_ms": statistics.median(base_times) * 1e3}
     for m in everies:
-        out[f"every_{m}"] = statistics.median(times[m]) / base
+        out[f"every_{m}"] = statistics.median(ratios[m])
+        out[f"every_{m}_ci"] = _median_ci(ratios[m])
     return out
+
+
+def _median_ci(xs: list[float], reps: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the median (percentile method, fixed seed)."""
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(reps))
+    return meds[int(0.025 * reps)], meds[int(0.975 * reps) - 1]
 
 
 def main() -> None:
@@ -134,13 +151,14 @@ def main() -> None:
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {a.batch_size}, {rounds} rounds of {block}-step blocks, "
           f"TensorBoard {'off' if a.no_tensorboard else 'on'}")
-    head = f"{'model':<11}{'unprobed ms/step':>18}" + "".join(f"{'every ' + str(e):>12}"
-                                                              for e in a.every)
+    head = f"{'model':<11}{'unprobed ms/step':>18}" + "".join(
+        f"{'every ' + str(e) + ' [95% CI of the median]':>36}" for e in a.every)
     print(head)
     for model in a.models:
         r = measure(model, a.batch_size, a.every, rounds, block, device, not a.no_tensorboard)
-        print(f"{model:<11}{r['unprobed_ms']:>18.1f}" + "".join(f"{r[f'every_{e}']:>12.4f}"
-                                                                 for e in a.every), flush=True)
+        cells = "".join(f"{r[f'every_{e}']:>14.4f} [{r[f'every_{e}_ci'][0]:.4f}, "
+                        f"{r[f'every_{e}_ci'][1]:.4f}]" for e in a.every)
+        print(f"{model:<11}{r['unprobed_ms']:>18.1f}{cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,11 @@ def test_probe_overhead_measure():
     po = _load("probe_overhead")
     r = po.measure("resnet8", batch=4, everies=[1, 2], rounds=1, block=2, device=CPU,
                    tensorboard=True)
-    assert set(r) == {"unprobed_ms", "every_1", "every_2"}
-    assert all(math.isfinite(v) and v > 0 for v in r.values())
+    assert set(r) == {"unprobed_ms", "every_1", "every_2", "every_1_ci", "every_2_ci"}
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("unprobed_ms", "every_1", "every_2"))
+    for e in (1, 2):
+        lo, hi = r[f"every_{e}_ci"]
+        assert lo <= r[f"every_{e}"] <= hi
 
 
 def test_probe_overhead_unprobed_loop_has_no_hooks():
