@@ -433,6 +433,22 @@ def _decide(cid: str, parts: list[_Part], *, details: pd.DataFrame,
                    notes=notes)
 
 
+def _paired_runs(cid: str, runs: Sequence[LoadedRun], metric: str
+                 ) -> ClaimResult | tuple[_Selection,
+                                          list[tuple[int, int | None, LoadedRun, LoadedRun]],
+                                          list[str]]:
+    """The selection of runs having ``metric``, its plainN/resnetN pairs by seed and the notes
+    on what was left out; or the inconclusive result saying why no pair could be formed."""
+    sel = _select(runs, [metric])
+    if sel.reason:
+        return _inconclusive(cid, sel.reason, sel.notes)
+    pairs, pair_notes = _pairs(sel)
+    notes = sel.notes + pair_notes
+    if not pairs:
+        return _inconclusive(cid, _counterpart_reason(sel) or "no plain/residual pairs", notes)
+    return sel, pairs, notes
+
+
 def _inconclusive(cid: str, reason: str, notes: Sequence[str] = (), *,
                   parts: Sequence[_Part] = (), details: pd.DataFrame | None = None
                   ) -> ClaimResult:
@@ -581,13 +597,10 @@ def smaller_responses(runs: Sequence[LoadedRun]) -> ClaimResult:
     Fig. 7 plots the std of each 3x3 conv's BN output; only those layers are used.
     """
     cid = "smaller-responses"
-    sel = _select(runs, ["response_std"])
-    if sel.reason:
-        return _inconclusive(cid, sel.reason, sel.notes)
-    pairs, pair_notes = _pairs(sel)
-    notes = sel.notes + pair_notes
-    if not pairs:
-        return _inconclusive(cid, _counterpart_reason(sel) or "no plain/residual pairs", notes)
+    got = _paired_runs(cid, runs, "response_std")
+    if isinstance(got, ClaimResult):
+        return got
+    sel, pairs, notes = got
     part1, details, pooled = _paired_ratio_part(
         pairs, "response_std", is_conv_bn, "resnet vs plain at matched layers",
         "response_std")
@@ -757,13 +770,10 @@ def gradient_flow(runs: Sequence[LoadedRun]) -> ClaimResult:
     init and final slopes are listed for comparison.
     """
     cid = "gradient-flow"
-    sel = _select(runs, ["response_grad_norm"])
-    if sel.reason:
-        return _inconclusive(cid, sel.reason, sel.notes)
-    pairs, pair_notes = _pairs(sel)
-    notes = sel.notes + pair_notes
-    if not pairs:
-        return _inconclusive(cid, _counterpart_reason(sel) or "no plain/residual pairs", notes)
+    got = _paired_runs(cid, runs, "response_grad_norm")
+    if isinstance(got, ClaimResult):
+        return got
+    sel, pairs, notes = got
     rows = []
     for depth, seed, p, q in pairs:
         row = {"depth": depth, "seed": seed, "plain_run": p.name, "residual_run": q.name}
