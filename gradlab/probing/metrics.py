@@ -1,7 +1,7 @@
 """Metric names and the formulas behind them, computed on the device without host syncs.
 
 Every function here returns 0-d (or 1-d) tensors on the input's device and never calls
-``.item()``: the probe stacks the results and copies them to the host once per logged step.
+``Tensor.item``: the probe stacks the results and copies them to the host once per logged step.
 
 Formulas (N samples, per-sample vectors flattened over C, H, W; ``EPS`` guards zero norms):
 
