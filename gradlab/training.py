@@ -239,7 +239,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device, *,
-                 probe: bool = True, total: int | None = None):
+                 probe: bool = True):
         info = model_info(cfg.model)
         self.cfg, self.data, self.device = cfg, data, device
         self.amp, self.cl = fast_path(cfg, device)
@@ -388,9 +388,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     steps = total_steps(cfg, data.train_size)
     if cfg.every > steps:
         raise ConfigError(f"--every {cfg.every} is larger than the run ({steps} steps)")
-    amp, cl = fast_path(cfg, device)
-
-    tr = Trainer(cfg, data, device, probe=probe, total=steps)
+    tr = Trainer(cfg, data, device, probe=probe)  # resolves the fast path once: tr.amp, tr.cl
     model, opt, gen, prb = tr.model, tr.opt, tr.gen, tr.probe
     start = 0
     if resume:
@@ -401,7 +399,8 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
             _clear_partial(rd)
         rd.save(status="running", finished=None, resumed_at=start)
     else:
-        rd = RunDir.create(path, run_info(cfg, data, model, device, steps, amp, cl), force=force)
+        rd = RunDir.create(path, run_info(cfg, data, model, device, steps, tr.amp, tr.cl),
+                           force=force)
     if on_model is not None:
         on_model(model)
 
@@ -474,7 +473,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
                 done = step + 1
                 t_aside = time.perf_counter()  # evaluation and checkpoints are not training
                 if done % eval_every == 0 or done == steps:
-                    tl, ta = _evaluate(model, data, cfg.batch_size, amp, cl, device)
+                    tl, ta = _evaluate(model, data, cfg.batch_size, tr.amp, tr.cl, device)
                     ev = torch.stack((tl, ta)).cpu().numpy()  # sync: evaluation steps only
                     sink.put(done, _rows({"test_loss": ev[0], "test_accuracy": ev[1]}))
                     final.update(test_loss=float(ev[0]), test_accuracy=float(ev[1]))
