@@ -145,7 +145,9 @@ def probe(
                                                           "0 (Goyal et al. 2017).")] = False,
     device: Annotated[DeviceName, typer.Option(help="auto: cuda, then mps, then cpu.")
                       ] = DeviceName.auto,
-    amp: Annotated[Amp, typer.Option(help="bf16 autocast (auto: on for CUDA GPUs with bf16).")
+    amp: Annotated[Amp, typer.Option(help="bf16 autocast (auto: on for CUDA GPUs with "
+                                           "bf16, and on CPUs with native bf16 for images of "
+                                           "32x32 or more).")
                    ] = Amp.auto,
     channels_last: Annotated[Switch, typer.Option(help="NHWC memory format (auto: on for CUDA "
                                                        "and CPU).")] = Switch.auto,

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gradlab.models.cifar_resnet import BasicBlock, ResidualAdd
 from gradlab.probing import metrics as M
+from gradlab.probing.fused import kernels as _kernels
 
 __all__ = ["Probe", "PendingFrame"]
 
@@ -94,11 +95,17 @@ class Probe:
     Hooks record only while :attr:`enabled` is true and autograd is on (evaluation passes under
     ``torch.no_grad()`` are ignored); a training loop flips :attr:`enabled` on logged steps only.
     Every handle is owned by the probe and removed on exit, also after an exception.
+
+    ``fused``: reduce activations on CPU with compiled fused kernels
+    (:mod:`gradlab.probing.fused`). ``None`` (default): bf16/fp16 tensors of at least
+    ``FUSE_MIN_NUMEL`` elements, where they pay; ``True``: every tensor; ``False``: never. The
+    values agree to float32 rounding either way.
     """
 
-    def __init__(self, model: nn.Module, *, enabled: bool = True):
+    def __init__(self, model: nn.Module, *, enabled: bool = True, fused: bool | None = None):
         self.model = model
         self.enabled = enabled
+        self.fused = fused
         self._handles: list = []
         self._order_handles: list = []
         self._store: dict[tuple[str, str], torch.Tensor] = {}
@@ -106,6 +113,13 @@ class Probe:
         # before its forward (C floats), per-sample shortcut norms awaiting the block's hook.
         self._bn_before: dict[str, torch.Tensor] = {}
         self._shortcut_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # BatchNorms whose response_std waits for the snapshot, where all are computed at once
+        # from C-vectors (name -> (module, running_var before, count)), and the per-channel
+        # constants of that batched computation, built once per layout.
+        self._bn_pending: dict[str, tuple[nn.Module, torch.Tensor, int]] = {}
+        self._bn_consts: tuple[tuple, M.BNConstants] | None = None
+        # Per-sample [ss, gg] of gradlab blocks whose identity_gap came with the add's pass.
+        self._block_sums: dict[str, tuple[tuple, torch.Tensor]] = {}
         # Reusable buffers for h - x (one per activation shape); not activations themselves.
         self._scratch: dict[tuple, torch.Tensor] = {}
         named = list(model.named_modules())
@@ -119,6 +133,9 @@ class Probe:
         self._blocks = [(n, m) for n, m in named
                         if isinstance(m, BasicBlock) or (n in add_parent and n)]
         self._adds = [(n.rpartition(".")[0], m) for n, m in adds]
+        # Blocks whose output is known to be relu(F + s): gradlab's own, with a stock ReLU.
+        self._relu_blocks = {n for n, m in named if type(m) is BasicBlock
+                             and type(getattr(m, "relu2", None)) is nn.ReLU}
         self._order: list[str] | None = None
         self._depth: dict[str, int] = {}
         self._owner: torch.Tensor | None = None
@@ -163,6 +180,8 @@ class Probe:
         self._store.clear()
         self._bn_before.clear()
         self._shortcut_norms.clear()
+        self._bn_pending.clear()
+        self._block_sums.clear()
         self._scratch.clear()
 
     def _remove_order_hooks(self) -> None:
@@ -173,6 +192,9 @@ class Probe:
     def _recording(self) -> bool:
         return self.enabled and torch.is_grad_enabled()
 
+    def _fuse(self, t: torch.Tensor) -> bool:
+        return self.fused is not False and _kernels.usable(t, force=bool(self.fused))
+
     def _order_hook(self, name: str):
         def hook(module, args):
             if name not in self._order:
@@ -182,6 +204,8 @@ class Probe:
     def _bn_pre_hook(self, name: str):
         def hook(module, args):
             if self._recording() and module.training and module.running_var is not None:
+                if name in self._bn_pending:  # called again in this forward: settle the last call
+                    self._settle_bn(name)
                 self._bn_before[name] = module.running_var.detach().clone()
             return None
         return hook
@@ -193,14 +217,18 @@ class Probe:
             if not self._recording() or not isinstance(out, torch.Tensor):
                 return None
             before = self._bn_before.pop(name, None)
-            var = None
-            if before is not None and module.training:
-                count = out.numel() // out.shape[1]
-                var = M.bn_batch_var(module, before, count)
-            if var is not None:
-                store[(name, "response_std")] = M.bn_response_std(module, var, count)
+            if before is not None and module.training and module.momentum is not None:
+                # Exact, from C-vectors, for all BatchNorms at once in snapshot().
+                self._bn_pending[name] = (module, before, out.numel() // out.shape[1])
+                store.pop((name, "response_std"), None)
             else:
-                store[(name, "response_std")] = M.response_std(out.detach())
+                var = None
+                if before is not None and module.training:
+                    count = out.numel() // out.shape[1]
+                    var = M.bn_batch_var(module, before, count)
+                store[(name, "response_std")] = (M.bn_response_std(module, var, count)
+                                                 if var is not None
+                                                 else M.response_std(out.detach()))
             if out.requires_grad:
                 def grad_hook(g):
                     store[(name, "response_grad_norm")] = M.grad_norm(g.detach())
@@ -215,6 +243,15 @@ class Probe:
             if not self._recording() or len(args) != 2:
                 return None
             f, s = args
+            if self._fuse(f):
+                if block in self._relu_blocks:
+                    sums = _kernels("block_sums", f.detach(), s.detach())
+                    # Row 3 is ||relu(f + s) - s||^2: the block's identity_gap if s is its input.
+                    self._block_sums[block] = (_tensor_key(s), sums[[3, 1]])
+                else:
+                    sums = _kernels("pair_sums", f.detach(), s.detach())
+                store[(block, "residual_stats")] = M.residual_stats_from_sums(sums)
+                return None
             ns = M.sample_norms(s.detach())
             # The block's hook reuses these norms when its input is this very tensor (identity
             # shortcut): matched by storage address, shape and strides, plain Python ints.
@@ -232,12 +269,40 @@ class Probe:
                 return None
             x = args[0]
             cached = self._shortcut_norms.pop(name, None)
-            if isinstance(x, torch.Tensor) and x.shape == out.shape:
+            fused = self._block_sums.pop(name, None)
+            if fused is not None and isinstance(x, torch.Tensor) and fused[0] == _tensor_key(x):
+                store[(name, "identity_gap")] = M.identity_gap_from_sums(fused[1])
+            elif isinstance(x, torch.Tensor) and x.shape == out.shape and self._fuse(out):
+                store[(name, "identity_gap")] = M.identity_gap_from_sums(
+                    _kernels("gap_sums", out.detach(), x.detach()))
+            elif isinstance(x, torch.Tensor) and x.shape == out.shape:
                 x_norms = cached[1] if cached and cached[0] == _tensor_key(x) else None
                 store[(name, "identity_gap")] = M.identity_gap(
                     x.detach(), out.detach(), x_norms=x_norms, scratch=self._scratch_like(out))
             return None
         return hook
+
+    def _settle_bn(self, name: str) -> None:
+        """response_std of one pending BatchNorm, now (before its running_var moves again)."""
+        module, before, count = self._bn_pending.pop(name)
+        var = M.bn_batch_var(module, before, count)
+        self._store[(name, "response_std")] = M.bn_response_std(module, var, count)
+
+    def _settle_all_bn(self) -> None:
+        """response_std of every pending BatchNorm in one vectorized computation."""
+        if not self._bn_pending:
+            return
+        names = list(self._bn_pending)
+        entries = [self._bn_pending[n] for n in names]
+        self._bn_pending.clear()
+        layout = tuple((m.running_var.numel(), count, float(m.momentum), float(m.eps),
+                        m.running_var.device) for m, _, count in entries)
+        if self._bn_consts is None or self._bn_consts[0] != layout:
+            self._bn_consts = (layout, M.BNConstants.build(layout))
+        stds = M.bn_response_stds([m for m, _, _ in entries], [b for _, b, _ in entries],
+                                  self._bn_consts[1])
+        for i, name in enumerate(names):
+            self._store[(name, "response_std")] = stds[i]
 
     def _scratch_like(self, t: torch.Tensor) -> torch.Tensor:
         key = (tuple(t.shape), t.stride(), t.dtype, t.device)
@@ -273,6 +338,7 @@ class Probe:
         metrics when the loss was scaled (fp16 ``GradScaler``); bf16 needs none.
         """
         self._freeze_depths()
+        self._settle_all_bn()
         layers: list[str] = []
         metrics: list[str] = []
         parts: list[torch.Tensor] = []
