@@ -16,6 +16,7 @@ into the next (often unprobed) block on a machine with few cores.
 
     python benchmarks/probe_overhead.py                  # resnet56, batch 128, every 1 / 10
     python benchmarks/probe_overhead.py --quick          # fewer rounds
+    python benchmarks/probe_overhead.py --amp auto off   # also float32 where auto picks bf16
     python benchmarks/probe_overhead.py --models resnet20 resnet56 resnet110 plain56 \
         --every 1 10 100
 """
@@ -62,8 +63,8 @@ def drain(sink: _Sink, dash: Dashboard | None) -> None:
 
 
 def measure(model: str, batch: int, everies: list[int], rounds: int, block: int,
-            device: torch.device, tensorboard: bool) -> dict[str, float]:
-    cfg = TrainConfig(model=model, dataset="synthetic", batch_size=batch, steps=10**6)
+            device: torch.device, tensorboard: bool, amp: str = "auto") -> dict[str, float]:
+    cfg = TrainConfig(model=model, dataset="synthetic", batch_size=batch, steps=10**6, amp=amp)
     data = load_dataset("synthetic", synthetic_size=max(4 * batch, 1024)).to(device)
     tr = Trainer(cfg, data, device, probe=True)
     it = batches(data.train_size, batch, seed=0)
@@ -119,7 +120,7 @@ def measure(model: str, batch: int, everies: list[int], rounds: int, block: int,
         sink.close()
         if dash is not None:
             dash.close()
-    out = {"unprobed_ms": statistics.median(base_times) * 1e3}
+    out = {"unprobed_ms": statistics.median(base_times) * 1e3, "bf16": tr.amp}
     for m in everies:
         out[f"every_{m}"] = statistics.median(ratios[m])
         out[f"every_{m}_ci"] = _median_ci(ratios[m])
@@ -143,6 +144,9 @@ def main() -> None:
                     help="steps per timed block (default: the largest --every)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-tensorboard", action="store_true")
+    ap.add_argument("--amp", nargs="+", default=["auto"], choices=["auto", "bf16", "off"],
+                    help="precision(s) to measure (auto: gradlab's default for the device; "
+                         "bf16 on CPUs with native bf16)")
     ap.add_argument("--quick", action="store_true", help="3 rounds (a rough figure in minutes)")
     a = ap.parse_args()
     device = resolve_device(a.device)
@@ -151,14 +155,17 @@ def main() -> None:
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {a.batch_size}, {rounds} rounds of {block}-step blocks, "
           f"TensorBoard {'off' if a.no_tensorboard else 'on'}")
-    head = f"{'model':<11}{'unprobed ms/step':>18}" + "".join(
+    head = f"{'model':<11}{'precision':<11}{'unprobed ms/step':>18}" + "".join(
         f"{'every ' + str(e) + ' [95% CI of the median]':>36}" for e in a.every)
     print(head)
     for model in a.models:
-        r = measure(model, a.batch_size, a.every, rounds, block, device, not a.no_tensorboard)
-        cells = "".join(f"{r[f'every_{e}']:>14.4f} [{r[f'every_{e}_ci'][0]:.4f}, "
-                        f"{r[f'every_{e}_ci'][1]:.4f}]" for e in a.every)
-        print(f"{model:<11}{r['unprobed_ms']:>18.1f}{cells}", flush=True)
+        for amp in a.amp:
+            r = measure(model, a.batch_size, a.every, rounds, block, device,
+                        not a.no_tensorboard, amp)
+            cells = "".join(f"{r[f'every_{e}']:>14.4f} [{r[f'every_{e}_ci'][0]:.4f}, "
+                            f"{r[f'every_{e}_ci'][1]:.4f}]" for e in a.every)
+            prec = "bf16" if r["bf16"] else "float32"
+            print(f"{model:<11}{prec:<11}{r['unprobed_ms']:>18.1f}{cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ for all. Modes run in blocks of ``--block`` steps, round-robin in one process, s
 machine speed hits every mode alike; images/s is batch / median seconds per step over blocks.
 
 ``--variants`` times gradlab's step with one fast-path piece changed at a time (channels_last
-off, foreach off, bf16 autocast, 1 or 2 threads, augmentation off, or per-sample DataLoader
-augmentation feeding the same step), relative to the default fast path.
+off, foreach off, bf16 autocast forced on or off, 1 or 2 threads, augmentation off, or
+per-sample DataLoader augmentation feeding the same step), relative to the default fast path.
 
     python benchmarks/throughput.py                        # resnet56 and resnet20, batch 128
     python benchmarks/throughput.py --quick                # resnet20, 3 rounds of 3-step blocks
@@ -216,7 +216,8 @@ def synthetic(batch: int, train_size: int, device: torch.device) -> Dataset:
 
 def compare(model: str, batch: int, rounds: int, block: int, device: torch.device,
             train_size: int = 5120, workers: tuple[int, ...] = (0, 2)) -> dict[str, float]:
-    """Images/s of gradlab (no probe, probe every 10) and the hand-written loop(s).
+    """Images/s of gradlab (no probe, probe every 10, and float32: bf16 autocast off, for a
+    same-precision comparison where the fast path uses bf16) and the hand-written loop(s).
 
     Returns ``{mode name: images/s}`` in table order.
     """
@@ -226,8 +227,10 @@ def compare(model: str, batch: int, rounds: int, block: int, device: torch.devic
     with tempfile.TemporaryDirectory() as tmp:
         plain = GradlabLoop(cfg, data, device)
         probed = GradlabLoop(cfg, data, device, probe_every=10, tmp=Path(tmp))
+        fp32 = GradlabLoop(cfg.replace(amp="off"), data, device)
         modes = [Mode("gradlab", plain.step),
-                 Mode("gradlab every 10", probed.step, probed.end_block)]
+                 Mode("gradlab every 10", probed.step, probed.end_block),
+                 Mode("gradlab float32", fp32.step)]
         hands = {w: HandWritten(model, data, batch, device, w) for w in workers}
         modes += [Mode(f"hand-written w{w}", h.step) for w, h in hands.items()]
         try:
@@ -237,7 +240,7 @@ def compare(model: str, batch: int, rounds: int, block: int, device: torch.devic
     return {k: batch / v for k, v in sec.items()}
 
 
-VARIANTS = ("fast path", "channels_last off", "foreach off", "bf16 autocast", "1 thread",
+VARIANTS = ("fast path", "channels_last off", "foreach off", "bf16 on", "bf16 off", "1 thread",
             "2 threads", "augment off", "DataLoader aug w0")
 
 
@@ -252,7 +255,8 @@ def variants(model: str, batch: int, rounds: int, block: int, device: torch.devi
         "channels_last off": lambda: GradlabLoop(base.replace(channels_last="off"), data,
                                                  device),
         "foreach off": lambda: GradlabLoop(base, data, device, foreach=False),
-        "bf16 autocast": lambda: GradlabLoop(base.replace(amp="bf16"), data, device),
+        "bf16 on": lambda: GradlabLoop(base.replace(amp="bf16"), data, device),
+        "bf16 off": lambda: GradlabLoop(base.replace(amp="off"), data, device),
         "1 thread": lambda: GradlabLoop(base, data, device, threads=1),
         "2 threads": lambda: GradlabLoop(base, data, device, threads=2),
         "augment off": lambda: GradlabLoop(base.replace(augment=False), data, device),
@@ -297,13 +301,15 @@ def main() -> None:
                       flush=True)
         return
     hands = [f"hand-written w{w}" for w in a.workers]
-    cols = ["gradlab", "gradlab every 10", *hands]
+    cols = ["gradlab", "gradlab every 10", "gradlab float32", *hands]
     print(f"{'model':<11}" + "".join(f"{c:>19}" for c in cols)
-          + "".join(f"{'gradlab / w' + str(w):>16}" for w in a.workers))
+          + "".join(f"{'gradlab / w' + str(w):>16}" for w in a.workers)
+          + "".join(f"{'float32 / w' + str(w):>16}" for w in a.workers))
     for model in models:
         r = compare(model, a.batch_size, rounds, block, device, a.train_size, tuple(a.workers))
         print(f"{model:<11}" + "".join(f"{r[c]:>19.1f}" for c in cols)
-              + "".join(f"{r['gradlab'] / r[h]:>16.3f}" for h in hands), flush=True)
+              + "".join(f"{r['gradlab'] / r[h]:>16.3f}" for h in hands)
+              + "".join(f"{r['gradlab float32'] / r[h]:>16.3f}" for h in hands), flush=True)
 
 
 if __name__ == "__main__":

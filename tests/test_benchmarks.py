@@ -37,8 +37,9 @@ CPU = torch.device("cpu")
 def test_probe_overhead_measure():
     po = _load("probe_overhead")
     r = po.measure("resnet8", batch=4, everies=[1, 2], rounds=1, block=2, device=CPU,
-                   tensorboard=True)
-    assert set(r) == {"unprobed_ms", "every_1", "every_2", "every_1_ci", "every_2_ci"}
+                   tensorboard=True, amp="off")
+    assert set(r) == {"unprobed_ms", "bf16", "every_1", "every_2", "every_1_ci", "every_2_ci"}
+    assert r["bf16"] is False
     assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("unprobed_ms", "every_1", "every_2"))
     for e in (1, 2):
         lo, hi = r[f"every_{e}_ci"]
@@ -62,12 +63,12 @@ def test_throughput_compare_and_variants():
     tp = _load("throughput")
     r = tp.compare("resnet8", batch=4, rounds=1, block=2, device=CPU, train_size=16,
                    workers=(0,))
-    assert list(r) == ["gradlab", "gradlab every 10", "hand-written w0"]
+    assert list(r) == ["gradlab", "gradlab every 10", "gradlab float32", "hand-written w0"]
     assert all(v > 0 for v in r.values())
     v = tp.variants("resnet8", batch=4, rounds=1, block=2, device=CPU,
-                    names=("fast path", "foreach off", "1 thread", "DataLoader aug w0"),
-                    train_size=16)
-    assert list(v) == ["fast path", "foreach off", "1 thread", "DataLoader aug w0"]
+                    names=("fast path", "foreach off", "bf16 off", "1 thread",
+                           "DataLoader aug w0"), train_size=16)
+    assert list(v) == ["fast path", "foreach off", "bf16 off", "1 thread", "DataLoader aug w0"]
     assert all(x > 0 for x in v.values())
 
 
