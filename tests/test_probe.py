@@ -614,3 +614,21 @@ def test_bn_response_std_over_several_steps(bn_kwargs: dict) -> None:
                 assert math.isclose(got, seen[-1].item(), rel_tol=1e-5), (i, got, seen[-1])
     finally:
         handle.remove()
+
+
+def test_bn_response_std_is_of_the_recorded_forward(batch) -> None:
+    """response_std of BatchNorms is finished in collect(); a forward in between that is not
+    recorded (no_grad, train mode: BN statistics still move) must not change it."""
+    model = build("resnet20").train()
+    x, y = batch
+    captured: dict[str, torch.Tensor] = {}
+    handle = model.bn1.register_forward_hook(
+        lambda mod, args, out: captured.setdefault("out", out.detach().clone()))
+    with Probe(model) as probe:
+        F.cross_entropy(model(x), y).backward()
+        handle.remove()
+        with torch.no_grad():
+            model(x.flip(0) * 2)
+        frame = probe.collect()
+    got = frame[(frame.layer == "bn1") & (frame.metric == "response_std")].value.item()
+    assert math.isclose(got, captured["out"].double().std().item(), rel_tol=1e-5)

@@ -119,15 +119,18 @@ class BNConstants:
                                 device=dev))
 
 
-def bn_response_stds(bns: list, befores: list[torch.Tensor], k: BNConstants) -> torch.Tensor:
+def bn_response_stds(bns: list, befores: list[torch.Tensor], afters: list[torch.Tensor],
+                     k: BNConstants) -> torch.Tensor:
     """:func:`bn_response_std` of many BatchNorms (float ``momentum``) in one set of ops.
 
-    The same formula on the BatchNorms' C-vectors concatenated; per-BatchNorm sums and means by
-    ``index_add`` over the channel-to-BatchNorm ``segment`` index. About 20 tensor ops for a
-    whole network instead of about 20 per BatchNorm.
+    ``befores``/``afters``: each BatchNorm's running variance before and after its forward;
+    gamma and beta are read from the modules (unchanged until the optimizer step). The same
+    formula on the C-vectors concatenated; per-BatchNorm sums and means by ``index_add`` over
+    the channel-to-BatchNorm ``segment`` index: about 20 tensor ops for a whole network instead
+    of about 20 per BatchNorm.
     """
     before = torch.cat(befores).float()
-    after = torch.cat([bn.running_var.detach() for bn in bns]).float()
+    after = torch.cat(afters).float()
     gamma = torch.cat([bn.weight.detach() if bn.weight is not None
                        else torch.ones_like(bn.running_var) for bn in bns]).float()
     beta = torch.cat([bn.bias.detach() if bn.bias is not None

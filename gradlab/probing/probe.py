@@ -114,9 +114,9 @@ class Probe:
         self._bn_before: dict[str, torch.Tensor] = {}
         self._shortcut_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
         # BatchNorms whose response_std waits for the snapshot, where all are computed at once
-        # from C-vectors (name -> (module, running_var before, count)), and the per-channel
-        # constants of that batched computation, built once per layout.
-        self._bn_pending: dict[str, tuple[nn.Module, torch.Tensor, int]] = {}
+        # from C-vectors (name -> (module, running_var before and after its forward, count)),
+        # and the per-channel constants of that batched computation, built once per layout.
+        self._bn_pending: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = {}
         self._bn_consts: tuple[tuple, M.BNConstants] | None = None
         # Per-sample [ss, gg] of gradlab blocks whose identity_gap came with the add's pass.
         self._block_sums: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -204,8 +204,6 @@ class Probe:
     def _bn_pre_hook(self, name: str):
         def hook(module, args):
             if self._recording() and module.training and module.running_var is not None:
-                if name in self._bn_pending:  # called again in this forward: settle the last call
-                    self._settle_bn(name)
                 self._bn_before[name] = module.running_var.detach().clone()
             return None
         return hook
@@ -218,8 +216,10 @@ class Probe:
                 return None
             before = self._bn_before.pop(name, None)
             if before is not None and module.training and module.momentum is not None:
-                # Exact, from C-vectors, for all BatchNorms at once in snapshot().
-                self._bn_pending[name] = (module, before, out.numel() // out.shape[1])
+                # Exact, from C-vectors, for all BatchNorms at once in snapshot(); the running
+                # variance is copied now, so forwards before the snapshot cannot change it.
+                self._bn_pending[name] = (module, before, module.running_var.detach().clone(),
+                                          out.numel() // out.shape[1])
                 store.pop((name, "response_std"), None)
             else:
                 var = None
@@ -282,12 +282,6 @@ class Probe:
             return None
         return hook
 
-    def _settle_bn(self, name: str) -> None:
-        """response_std of one pending BatchNorm, now (before its running_var moves again)."""
-        module, before, count = self._bn_pending.pop(name)
-        var = M.bn_batch_var(module, before, count)
-        self._store[(name, "response_std")] = M.bn_response_std(module, var, count)
-
     def _settle_all_bn(self) -> None:
         """response_std of every pending BatchNorm in one vectorized computation."""
         if not self._bn_pending:
@@ -296,11 +290,11 @@ class Probe:
         entries = [self._bn_pending[n] for n in names]
         self._bn_pending.clear()
         layout = tuple((m.running_var.numel(), count, float(m.momentum), float(m.eps),
-                        m.running_var.device) for m, _, count in entries)
+                        m.running_var.device) for m, _, _, count in entries)
         if self._bn_consts is None or self._bn_consts[0] != layout:
             self._bn_consts = (layout, M.BNConstants.build(layout))
-        stds = M.bn_response_stds([m for m, _, _ in entries], [b for _, b, _ in entries],
-                                  self._bn_consts[1])
+        stds = M.bn_response_stds([m for m, *_ in entries], [b for _, b, _, _ in entries],
+                                  [a for _, _, a, _ in entries], self._bn_consts[1])
         for i, name in enumerate(names):
             self._store[(name, "response_std")] = stds[i]
 
