@@ -15,9 +15,9 @@ When: on CPU, for bf16/fp16 tensors of at least :data:`FUSE_MIN_NUMEL` elements 
 activations under the CPU's bf16 autocast). Not for float32, where ATen's own norms are as fast
 as these kernels (0.8 against 0.95 ms per block), nor on GPUs, where reductions are cheap and
 asynchronous already, nor while the model itself is traced by ``torch.compile`` (Inductor fuses
-the eager formulas into the model's graph then). The kernels
-compile on first use (about 15 s with a cold cache, 3 s warm, for a whole run) with dynamic
-shapes, so one compile serves every stage of the network. If compilation fails (no C++
+the eager formulas into the model's graph then). The kernels compile on first use (about 15 s
+with a cold cache, 3 s warm, for a whole run) with dynamic shapes, so one compile serves every
+stage of the network. If compilation fails (no C++
 compiler, say) a warning is issued once and the eager formulas are used from then on.
 """
 
