@@ -266,7 +266,7 @@ class Trainer:
                  probe: bool = True):
         info = model_info(cfg.model)
         self.cfg, self.data, self.device = cfg, data, device
-        self.amp, self.cl = fast_path(cfg, device, image_side=min(data.train_x.shape[-2:]))
+        self.amp, self.cl = fast_path(cfg, device, image_side=data.image_size)
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
                              **({"shortcut": cfg.shortcut} if info.residual else {}),

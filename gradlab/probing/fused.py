@@ -71,6 +71,10 @@ def block_sums(f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
                         (d * d).sum(dims)))
 
 
+_EAGER: dict[str, Callable[..., torch.Tensor]] = {
+    "pair_sums": pair_sums, "block_sums": block_sums, "gap_sums": gap_sums}
+
+
 class Kernels:
     """The compiled reductions, built on first use; eager from the first failure on."""
 
@@ -86,7 +90,7 @@ class Kernels:
         return force or (t.dtype in _LOW and t.numel() >= FUSE_MIN_NUMEL)
 
     def __call__(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
-        fn = {"pair_sums": pair_sums, "block_sums": block_sums, "gap_sums": gap_sums}[name]
+        fn = _EAGER[name]
         if self.failed is None:
             try:
                 with self._lock:

@@ -220,7 +220,6 @@ class Probe:
                 # variance is copied now, so forwards before the snapshot cannot change it.
                 self._bn_pending[name] = (module, before, module.running_var.detach().clone(),
                                           out.numel() // out.shape[1])
-                store.pop((name, "response_std"), None)
             else:
                 var = None
                 if before is not None and module.training:
