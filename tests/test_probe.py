@@ -43,11 +43,12 @@ CASES: dict[str, dict] = {
     "resnet20-shortcutB": {"name": "resnet20", "shortcut": "B"},
     "resnet20-channels_last": {"name": "resnet20", "channels_last": True},
     "resnet20-zero_init_residual": {"name": "resnet20", "zero_init_residual": True},
-    # The compiled fused reductions (gradlab.probing.fused), forced on for float32 tensors.
-    "resnet20-fused": {"name": "resnet20", "fused": True},
-    "plain20-fused": {"name": "plain20", "fused": True},
-    "resnet20-shortcutB-channels_last-fused": {"name": "resnet20", "shortcut": "B",
-                                               "channels_last": True, "fused": True},
+    # The cases above take gradlab's C kernels (gradlab.probing.fused), the default on CPU;
+    # these take the eager ATen formulas (GPUs, torch.compile, no C compiler).
+    "resnet20-eager": {"name": "resnet20", "fused": False},
+    "plain20-eager": {"name": "plain20", "fused": False},
+    "resnet20-shortcutB-channels_last-eager": {"name": "resnet20", "shortcut": "B",
+                                               "channels_last": True, "fused": False},
 }
 
 
@@ -129,7 +130,7 @@ def measure(case: str, train: bool, x: torch.Tensor, y: torch.Tensor) -> Measure
         mod.train(train)
 
     # 1. The probed step.
-    with Probe(model, fused=CASES[case].get("fused")) as probe:
+    with Probe(model, fused=CASES[case].get("fused", True)) as probe:
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         frame = probe.collect()
@@ -258,8 +259,8 @@ def test_row_counts(case: str, measured: Measured) -> None:
     spelled = {
         "resnet20": (39, 20, 9, 7), "plain20": (39, 20, 0, 7), "resnet20-shortcutB": (43, 22, 9, 7),
         "resnet20-channels_last": (39, 20, 9, 7), "resnet20-zero_init_residual": (39, 20, 9, 7),
-        "resnet20-fused": (39, 20, 9, 7), "plain20-fused": (39, 20, 0, 7),
-        "resnet20-shortcutB-channels_last-fused": (43, 22, 9, 7),
+        "resnet20-eager": (39, 20, 9, 7), "plain20-eager": (39, 20, 0, 7),
+        "resnet20-shortcutB-channels_last-eager": (43, 22, 9, 7),
     }[case]
     assert (want["grad_norm"], want["response_std"], want["residual_ratio"],
             want["identity_gap"]) == spelled

@@ -170,8 +170,8 @@ def residual_stats(f: torch.Tensor, s: torch.Tensor, total: torch.Tensor,
 
 def residual_stats_from_sums(sums: torch.Tensor) -> torch.Tensor:
     """``[residual_ratio, residual_cosine]`` from per-sample ``[||F||^2, ||s||^2, <F, s>]``
-    (shape (3, N), as the fused kernel :func:`gradlab.probing.fused.pair_sums` returns them)."""
-    return _ratio_cosine(sums[0].sqrt(), sums[1].sqrt(), sums[2])
+    (shape (3, N), any float dtype, as gradlab's fused kernels give them)."""
+    return _ratio_cosine(sums[0].sqrt(), sums[1].sqrt(), sums[2]).float()
 
 
 def _ratio_cosine(nf: torch.Tensor, ns: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
@@ -196,8 +196,8 @@ def identity_gap(x: torch.Tensor, h: torch.Tensor, *, x_norms: torch.Tensor | No
 
 def identity_gap_from_sums(sums: torch.Tensor) -> torch.Tensor:
     """identity_gap from per-sample ``[||h - x||^2, ||x||^2]`` (shape (2, N), as
-    :func:`gradlab.probing.fused.gap_sums` returns them)."""
-    return (sums[0].sqrt() / (sums[1].sqrt() + EPS)).mean()
+    :mod:`gradlab.probing.fused` gives them)."""
+    return (sums[0].sqrt() / (sums[1].sqrt() + EPS)).mean().float()
 
 
 def module_norms(tensors: list[torch.Tensor | None], owner: torch.Tensor,

@@ -9,6 +9,7 @@ per logged step.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,10 +97,11 @@ class Probe:
     ``torch.no_grad()`` are ignored); a training loop flips :attr:`enabled` on logged steps only.
     Every handle is owned by the probe and removed on exit, also after an exception.
 
-    ``fused``: reduce activations on CPU with compiled fused kernels
-    (:mod:`gradlab.probing.fused`). ``None`` (default): bf16/fp16 tensors of at least
-    ``FUSE_MIN_NUMEL`` elements, where they pay; ``True``: every tensor; ``False``: never. The
-    values agree to float32 rounding either way.
+    ``fused``: reduce CPU activations and their gradients with gradlab's C kernels
+    (:mod:`gradlab.probing.fused`), one pass per tensor. ``None`` (default): wherever they apply
+    (float32/bf16 CPU tensors), falling back to the eager ATen formulas with one warning if the
+    kernels cannot be built; ``True``: the same, but a failed build raises ``RuntimeError`` on
+    attach; ``False``: eager formulas only. The values agree to float32 rounding either way.
     """
 
     def __init__(self, model: nn.Module, *, enabled: bool = True, fused: bool | None = None):
@@ -118,8 +120,12 @@ class Probe:
         # and the per-channel constants of that batched computation, built once per layout.
         self._bn_pending: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = {}
         self._bn_consts: tuple[tuple, M.BNConstants] | None = None
-        # Per-sample [ss, gg] of gradlab blocks whose identity_gap came with the add's pass.
-        self._block_sums: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # gradlab blocks reduced by the add's fused pass: the shortcut's key, per-sample
+        # [||h - s||^2, ||s||^2] for identity_gap, and ||h||^2 (h = relu(F + s), the output).
+        self._block_sums: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # The last such output (weakly held, with its version) and its per-sample ||h||^2: the
+        # next block's input, so that block's ||x||^2 needs no pass over x, which is cold by then.
+        self._out_sq: tuple[weakref.ref, int, torch.Tensor] | None = None
         # Reusable buffers for h - x (one per activation shape); not activations themselves.
         self._scratch: dict[tuple, torch.Tensor] = {}
         named = list(model.named_modules())
@@ -152,6 +158,8 @@ class Probe:
         """Register every hook (idempotent: a probe attaches once)."""
         if self._handles:
             return
+        if self.fused:
+            _kernels.load(required=True)
         try:
             for name, mod in self._response_modules:
                 if _exact_bn(mod):
@@ -182,6 +190,7 @@ class Probe:
         self._shortcut_norms.clear()
         self._bn_pending.clear()
         self._block_sums.clear()
+        self._out_sq = None
         self._scratch.clear()
 
     def _remove_order_hooks(self) -> None:
@@ -192,8 +201,15 @@ class Probe:
     def _recording(self) -> bool:
         return self.enabled and torch.is_grad_enabled()
 
-    def _fuse(self, t: torch.Tensor) -> bool:
-        return self.fused is not False and _kernels.usable(t, force=bool(self.fused))
+    def _fuse(self, *tensors: torch.Tensor) -> bool:
+        return self.fused is not False and _kernels.usable(*tensors)
+
+    def _known_sq(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample ||t||^2 if t is the last gradlab block's output, unchanged since."""
+        if self._out_sq is None:
+            return None
+        ref, version, sq = self._out_sq
+        return sq if ref() is t and t._version == version else None
 
     def _order_hook(self, name: str):
         def hook(module, args):
@@ -230,7 +246,10 @@ class Probe:
                                                  else M.response_std(out.detach()))
             if out.requires_grad:
                 def grad_hook(g):
-                    store[(name, "response_grad_norm")] = M.grad_norm(g.detach())
+                    g = g.detach()
+                    store[(name, "response_grad_norm")] = (
+                        _kernels("sq", g).sum().sqrt().float() if self._fuse(g)
+                        else M.grad_norm(g))
                 out.register_hook(grad_hook)
             return None
         return hook
@@ -242,23 +261,39 @@ class Probe:
             if not self._recording() or len(args) != 2:
                 return None
             f, s = args
-            if self._fuse(f):
-                if block in self._relu_blocks:
-                    sums = _kernels("block_sums", f.detach(), s.detach())
-                    # Row 3 is ||relu(f + s) - s||^2: the block's identity_gap if s is its input.
-                    self._block_sums[block] = (_tensor_key(s), sums[[3, 1]])
-                else:
-                    sums = _kernels("pair_sums", f.detach(), s.detach())
-                store[(block, "residual_stats")] = M.residual_stats_from_sums(sums)
+            if not all(isinstance(a, torch.Tensor) for a in (f, s, out)):
                 return None
-            ns = M.sample_norms(s.detach())
-            # The block's hook reuses these norms when its input is this very tensor (identity
-            # shortcut): matched by storage address, shape and strides, plain Python ints.
-            self._shortcut_norms[block] = (_tensor_key(s), ns)
-            store[(block, "residual_stats")] = M.residual_stats(f.detach(), s.detach(),
-                                                                out.detach(), ns)
-            return None
+            known = self._known_sq(s)  # before detach(), which makes a new tensor object
+            f, s, t = f.detach(), s.detach(), out.detach()
+            if block in self._relu_blocks and self._fuse(f, t):
+                # One pass over F and t = F + s, both just computed. ||s||^2 comes from the
+                # previous block's pass when s is its output (identity shortcut), else from one
+                # pass over s; <F, s> = (||t||^2 - ||F||^2 - ||s||^2) / 2, as in the eager path,
+                # from sums accumulated in float64.
+                ss = known
+                if ss is None:
+                    if not self._fuse(s):
+                        return self._add_eager(block, f, s, t)
+                    ss = _kernels("sq", s)[0]
+                ff, tt, hh, dd = _kernels("addrelu", f, t)
+                store[(block, "residual_stats")] = M.residual_stats_from_sums(
+                    torch.stack((ff, ss, (tt - ff - ss) * 0.5)))
+                # dd = ||relu(t) - s||^2: the block's identity_gap numerator when s is its input.
+                self._block_sums[block] = (_tensor_key(s), torch.stack((dd, ss)), hh)
+                return None
+            if self._fuse(f, s):
+                store[(block, "residual_stats")] = M.residual_stats_from_sums(
+                    _kernels("pair", f, s)[:3])
+                return None
+            return self._add_eager(block, f, s, t)
         return hook
+
+    def _add_eager(self, block: str, f: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> None:
+        ns = M.sample_norms(s)
+        # The block's hook reuses these norms when its input is this very tensor (identity
+        # shortcut): matched by storage address, shape and strides, plain Python ints.
+        self._shortcut_norms[block] = (_tensor_key(s), ns)
+        self._store[(block, "residual_stats")] = M.residual_stats(f, s, t, ns)
 
     def _block_hook(self, name: str):
         store = self._store
@@ -269,11 +304,14 @@ class Probe:
             x = args[0]
             cached = self._shortcut_norms.pop(name, None)
             fused = self._block_sums.pop(name, None)
+            if fused is not None:
+                # out is relu(t) of the add's pass: its ||out||^2 serves the next block.
+                self._out_sq = (weakref.ref(out), out._version, fused[2])
             if fused is not None and isinstance(x, torch.Tensor) and fused[0] == _tensor_key(x):
                 store[(name, "identity_gap")] = M.identity_gap_from_sums(fused[1])
-            elif isinstance(x, torch.Tensor) and x.shape == out.shape and self._fuse(out):
+            elif isinstance(x, torch.Tensor) and x.shape == out.shape and self._fuse(out, x):
                 store[(name, "identity_gap")] = M.identity_gap_from_sums(
-                    _kernels("gap_sums", out.detach(), x.detach()))
+                    _kernels("gap", out.detach(), x.detach()))
             elif isinstance(x, torch.Tensor) and x.shape == out.shape:
                 x_norms = cached[1] if cached and cached[0] == _tensor_key(x) else None
                 store[(name, "identity_gap")] = M.identity_gap(
@@ -332,6 +370,7 @@ class Probe:
         """
         self._freeze_depths()
         self._settle_all_bn()
+        self._out_sq = None
         layers: list[str] = []
         metrics: list[str] = []
         parts: list[torch.Tensor] = []
