@@ -19,7 +19,7 @@ from gradlab import Probe, create_model
 from gradlab.data import load_dataset
 from gradlab.models import BasicBlock, ResidualAdd
 from gradlab.probing import fused
-from gradlab.probing.fused import KERNELS, Kernels, dense_per_sample, kernels
+from gradlab.probing.fused import KERNELS, Kernels, SumTable, dense_per_sample, kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,15 +108,18 @@ def test_layouts_the_kernels_cannot_read_are_refused() -> None:
         "0-d": x.sum(),
         "meta": torch.empty(4, 8, device="meta"),
     }
+    table = SumTable()
     for why, t in bad.items():
         assert not dense_per_sample(t), why
         assert not kernels.usable(t), why
+        assert table.run("sq", t) is None and table.used == 0, why  # the probe's path
         with pytest.raises(ValueError, match="dense per sample"):
             kernels("sq", t)  # checked on every call: raw memory is never read on assumption
     nhwc = x.to(memory_format=torch.channels_last)
     assert not kernels.usable(x, nhwc)  # same shape, other strides: elements would not pair
     assert not kernels.usable(x, x.bfloat16())
     assert not kernels.usable(x, x[:2])
+    assert table.run("pair", x, nhwc) is None and table.used == 0
     with pytest.raises(ValueError):
         kernels("pair", x, nhwc)
     with pytest.raises(ValueError):
@@ -246,13 +249,13 @@ def test_block_inputs_come_from_the_previous_pass_and_in_place_edits_are_seen(ba
     x is that very output, unmodified: an in-place edit between blocks forces a fresh pass.
     (Forward metrics only: autograd itself refuses a backward through that edit.)"""
     calls = []
-    real = fused.Kernels.__call__
+    real = fused.SumTable.run
 
     def counting(self, name, *tensors):
         calls.append(name)
         return real(self, name, *tensors)
 
-    monkeypatch.setattr(fused.Kernels, "__call__", counting)
+    monkeypatch.setattr(fused.SumTable, "run", counting)
     x, y = batch
     torch.manual_seed(0)
     model = create_model("resnet20", in_channels=1, num_classes=10).train()
@@ -287,3 +290,25 @@ def test_block_inputs_come_from_the_previous_pass_and_in_place_edits_are_seen(ba
     f, s = captured["fs"]
     want = (per_sample_norm(f) / per_sample_norm(s)).mean().item()
     assert math.isclose(frame[("b", "residual_ratio")], want, rel_tol=1e-6)
+
+
+def test_sums_are_written_into_a_table_that_grows_and_keeps_its_columns() -> None:
+    table = SumTable()
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, 3, 5, 5, generator=g) for _ in range(40)]
+    cols = []
+    for x in xs:  # 40 x 2 columns: past the first allocation of 64
+        col = table.take(4, 2)
+        kernels("gap", x, x * 0.5, out=table.columns(col, 2))
+        cols.append(col)
+    assert table.take(3, 1) is None  # another batch size within a step: refused
+    filled = table.filled()
+    assert filled.shape == (4, 80)
+    for x, col in zip(xs, cols, strict=True):
+        torch.testing.assert_close(filled[:, col: col + 2].T, reference("gap", x, x * 0.5))
+    assert table.take(3, 1) == 0  # a new step may have another batch size
+    bad = {"float32": torch.empty(4, 2), "shape": torch.empty(4, 3, dtype=torch.float64),
+           "column stride": torch.empty(2, 4, dtype=torch.float64).T}
+    for out in bad.values():
+        with pytest.raises(ValueError, match="unit column stride"):
+            kernels("gap", xs[0], xs[1], out=out)

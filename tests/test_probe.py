@@ -633,3 +633,26 @@ def test_bn_response_std_is_of_the_recorded_forward(batch) -> None:
         frame = probe.collect()
     got = frame[(frame.layer == "bn1") & (frame.metric == "response_std")].value.item()
     assert math.isclose(got, captured["out"].double().std().item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "eager"])
+@pytest.mark.parametrize("first_batch", [16, 8], ids=["same-batch", "other-batch"])
+def test_a_later_recorded_forward_replaces_an_earlier_one(fused: bool, first_batch: int,
+                                                          batch) -> None:
+    """Two recorded forwards before one collect(): the values are the second's, one row per
+    (layer, metric). With another batch size first, the kernels' table of sums holds that size,
+    so the second forward's values are computed eagerly instead, and still agree."""
+    x, y = batch
+    model = build("resnet20").train()
+    twin = copy.deepcopy(model)
+    with Probe(model, fused=fused) as probe:
+        model(torch.randn(first_batch, *x.shape[1:]) * 2)  # recorded, never backpropagated
+        step(model, x, y)
+        got = probe.collect()
+    with Probe(twin, fused=fused) as probe:
+        step(twin, x, y)
+        want = probe.collect()
+    assert not got.duplicated(["layer", "metric"]).any()
+    got, want = (f.set_index(["layer", "metric"])["value"].sort_index() for f in (got, want))
+    pd.testing.assert_index_equal(got.index, want.index)
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-5, atol=1e-7)

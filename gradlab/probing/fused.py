@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KERNELS", "Kernels", "kernels", "dense_per_sample"]
+__all__ = ["KERNELS", "Kernels", "SumTable", "kernels", "dense_per_sample"]
 
 #: kernel name -> number of per-sample sums it returns
 KERNELS = {"sq": 1, "pair": 4, "gap": 2, "addrelu": 4}
@@ -64,7 +64,7 @@ _FLAG_SETS = (
 def dense_per_sample(t: torch.Tensor) -> bool:
     """Whether ``t`` is a non-empty float32/bf16 CPU tensor whose samples are contiguous ranges
     of its memory (NCHW- or channels_last-contiguous), as the kernels require."""
-    if (t.device.type != "cpu" or t.dtype not in _SUFFIX or t.ndim == 0 or t.numel() == 0
+    if (t.dtype not in _SUFFIX or not t.is_cpu or t.ndim == 0 or t.numel() == 0
             or t.is_neg()):
         return False
     if t.is_contiguous():
@@ -169,7 +169,8 @@ class Kernels:
                             for dtype, suffix in _SUFFIX.items():
                                 fn = getattr(lib, f"gl_{name}_{suffix}")
                                 fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+                                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                               ctypes.c_int]
                                 fn.restype = None
                                 fns[(name, dtype)] = fn
                         self._fns = fns
@@ -183,6 +184,10 @@ class Kernels:
             raise RuntimeError(f"gradlab: fused probe reductions unavailable ({self.failed})")
         return self._fns is not None
 
+    def fn(self, name: str, dtype: torch.dtype):
+        """The C function of kernel ``name`` for ``dtype`` (None if the build failed)."""
+        return self._fns[(name, dtype)] if self.load() else None
+
     def usable(self, *tensors: torch.Tensor) -> bool:
         """Whether the kernels can reduce these tensors (same shape, strides and dtype; dense
         per sample; CPU; not inside a ``torch.compile`` trace) and are built."""
@@ -190,9 +195,14 @@ class Kernels:
             return False
         return self.load()
 
-    def __call__(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
+    def __call__(self, name: str, *tensors: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """Run kernel ``name`` on one tensor (``sq``) or two; a float64 ``(K, N)`` tensor of
-        per-sample sums, N = the size of the first dim (1 for a 1-d tensor)."""
+        per-sample sums, N = the size of the first dim (1 for a 1-d tensor).
+
+        ``out``: write into this float64 CPU ``(N, K)`` tensor with unit column stride (a column
+        slice of a larger table) instead of a new one; its transpose is returned.
+        """
         if name not in KERNELS or len(tensors) != (1 if name == "sq" else 2):
             raise ValueError(f"kernel {name!r} with {len(tensors)} tensors")
         # The kernels read raw memory: the layout is checked on every call, never assumed.
@@ -204,10 +214,80 @@ class Kernels:
         b = tensors[1] if len(tensors) == 2 else None
         n = a.shape[0] if a.ndim > 1 else 1
         per = a.numel() // n
-        out = torch.empty((n, KERNELS[name]), dtype=torch.float64)
+        k = KERNELS[name]
+        if out is None:
+            out = torch.empty((n, k), dtype=torch.float64)
+        elif (out.dtype != torch.float64 or out.device.type != "cpu" or out.shape != (n, k)
+              or out.stride(1) != 1 or out.stride(0) < k):
+            raise ValueError(f"kernel {name!r}: out must be a float64 CPU ({n}, {k}) tensor "
+                             "with unit column stride")
         self._fns[(name, a.dtype)](a.data_ptr(), b.data_ptr() if b is not None else None, n, per,
-                                   out.data_ptr(), torch.get_num_threads())
+                                   out.data_ptr(), out.stride(0), torch.get_num_threads())
         return out.T
+
+
+class SumTable:
+    """One logged step's per-sample sums: a float64 ``(N, columns)`` table that the kernels
+    write into, column by column, so a hook allocates nothing and does no arithmetic; the
+    snapshot derives every metric from it in a few vectorized ops. Grows on the first step,
+    then is reused."""
+
+    def __init__(self) -> None:
+        self.table = torch.empty((0, 0), dtype=torch.float64)
+        self.used = 0
+
+    @property
+    def n(self) -> int:
+        return self.table.shape[0]
+
+    def take(self, n: int, k: int) -> int | None:
+        """Reserve the next ``k`` columns for ``n`` samples; their first index, or None when this
+        step's table holds another batch size (the caller then computes its metric eagerly)."""
+        if self.used == 0 and self.n != n:
+            self.table = torch.empty((n, max(self.table.shape[1], 64)), dtype=torch.float64)
+        if n != self.n:
+            return None
+        if self.used + k > self.table.shape[1]:
+            grown = torch.empty((n, max(2 * self.table.shape[1], self.used + k)),
+                                dtype=torch.float64)
+            grown[:, : self.used] = self.table[:, : self.used]
+            self.table = grown
+        col = self.used
+        self.used += k
+        return col
+
+    def columns(self, col: int, k: int) -> torch.Tensor:
+        """The ``(n, k)`` view of columns reserved by :meth:`take`."""
+        return self.table[:, col: col + k]
+
+    def run(self, name: str, *tensors: torch.Tensor) -> int | None:
+        """Kernel ``name`` into the next columns: their first index, or None when the kernels
+        cannot take these tensors (layout, dtype, device, tracing, no build, another batch
+        size), in which case nothing is written and the caller computes eagerly.
+
+        The probe's hot path: one layout check, no tensor created, one C call.
+        """
+        if torch.compiler.is_compiling() or not _layout_ok(tensors):
+            return None
+        a = tensors[0]
+        fn = kernels.fn(name, a.dtype)
+        if fn is None:
+            return None
+        n = a.shape[0] if a.ndim > 1 else 1
+        k = KERNELS[name]
+        col = self.take(n, k)
+        if col is None:
+            return None
+        table = self.table  # contiguous (n, capacity): column col starts 8 * col bytes in
+        fn(a.data_ptr(), tensors[1].data_ptr() if len(tensors) == 2 else None, n,
+           a.numel() // n, table.data_ptr() + 8 * col, table.stride(0), torch.get_num_threads())
+        return col
+
+    def filled(self) -> torch.Tensor:
+        """This step's columns; the next :meth:`take` starts a new step."""
+        out = self.table[:, : self.used]
+        self.used = 0
+        return out
 
 
 def _layout_ok(tensors: tuple[torch.Tensor, ...]) -> bool:

@@ -3,7 +3,7 @@
  * Built once per machine by gradlab.probing.fused with the system C compiler and loaded with
  * ctypes. Every kernel reads n samples of `per` contiguous elements (sample i is the range
  * [i*per, (i+1)*per): an NCHW- or channels_last-contiguous tensor) and writes K double sums per
- * sample to out[i*K + k]. Two element types: float32 (suffix _f32) and bfloat16 (_bf16, widened
+ * sample to out[i*ld + k] (ld >= K: a slice of the probe's per-step table of sums). Two element types: float32 (suffix _f32) and bfloat16 (_bf16, widened
  * to float exactly by a 16-bit shift, so no float32 copy of the tensor is ever made).
  *
  * Accuracy: products are formed in float (exact for bf16 inputs, rounded once for float32) and
@@ -114,7 +114,7 @@ static inline int nsums(int kind) { return kind == SQ ? 1 : kind == GAP ? 2 : 4;
 
 static inline __attribute__((always_inline)) void
 reduce(int kind, int bf, const void *a, const void *b, int64_t n, int64_t per, double *out,
-       int threads) {
+       int64_t ld, int threads) {
     const int K = nsums(kind);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (n > 1 && n * per >= 32768)
@@ -141,19 +141,19 @@ reduce(int kind, int bf, const void *a, const void *b, int64_t n, int64_t per, d
         for (int k = 0; k < K; k++) {
             double t = s[k];
             for (int l = 0; l < W; l++) t += total[k][l];
-            out[i * K + k] = t;
+            out[i * ld + k] = t;
         }
     }
 }
 
-#define EXPORT(NAME, KIND)                                                                   \
-    void gl_##NAME##_f32(const void *a, const void *b, int64_t n, int64_t per, double *out, \
-                         int threads) {                                                      \
-        reduce(KIND, 0, a, b, n, per, out, threads);                                         \
-    }                                                                                        \
-    void gl_##NAME##_bf16(const void *a, const void *b, int64_t n, int64_t per, double *out, \
-                          int threads) {                                                     \
-        reduce(KIND, 1, a, b, n, per, out, threads);                                         \
+#define EXPORT(NAME, KIND)                                                                  \
+    void gl_##NAME##_f32(const void *a, const void *b, int64_t n, int64_t per, double *out,\
+                         int64_t ld, int threads) {                                         \
+        reduce(KIND, 0, a, b, n, per, out, ld, threads);                                    \
+    }                                                                                       \
+    void gl_##NAME##_bf16(const void *a, const void *b, int64_t n, int64_t per, double *out,\
+                          int64_t ld, int threads) {                                        \
+        reduce(KIND, 1, a, b, n, per, out, ld, threads);                                    \
     }
 
 EXPORT(sq, SQ)

@@ -165,19 +165,21 @@ def residual_stats(f: torch.Tensor, s: torch.Tensor, total: torch.Tensor,
     nf, nt = _sample_norms(f), _sample_norms(total)
     if ns is None:
         ns = _sample_norms(s)
-    return _ratio_cosine(nf, ns, (nt.square() - nf.square() - ns.square()) * 0.5)
+    return torch.stack(_ratio_cosine(nf, ns, (nt.square() - nf.square() - ns.square()) * 0.5))
 
 
-def residual_stats_from_sums(sums: torch.Tensor) -> torch.Tensor:
-    """``[residual_ratio, residual_cosine]`` from per-sample ``[||F||^2, ||s||^2, <F, s>]``
-    (shape (3, N), any float dtype, as gradlab's fused kernels give them)."""
-    return _ratio_cosine(sums[0].sqrt(), sums[1].sqrt(), sums[2]).float()
+def ratio_cosine(ff: torch.Tensor, ss: torch.Tensor, dot: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual_ratio and residual_cosine from per-sample ||F||^2, ||s||^2 and <F, s>, each of
+    shape (N,) or (N, B) for B blocks at once (the means are over the N samples)."""
+    return _ratio_cosine(ff.sqrt(), ss.sqrt(), dot)
 
 
-def _ratio_cosine(nf: torch.Tensor, ns: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
-    ratio = (nf / (ns + EPS)).mean()
-    cosine = (dot / (nf * ns + EPS)).clamp(-1.0, 1.0).mean()
-    return torch.stack((ratio, cosine))
+def _ratio_cosine(nf: torch.Tensor, ns: torch.Tensor, dot: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    ratio = (nf / (ns + EPS)).mean(0)
+    cosine = (dot / (nf * ns + EPS)).clamp(-1.0, 1.0).mean(0)
+    return ratio, cosine
 
 
 def identity_gap(x: torch.Tensor, h: torch.Tensor, *, x_norms: torch.Tensor | None = None,
@@ -194,10 +196,9 @@ def identity_gap(x: torch.Tensor, h: torch.Tensor, *, x_norms: torch.Tensor | No
     return (_sample_norms(diff) / (x_norms + EPS)).mean()
 
 
-def identity_gap_from_sums(sums: torch.Tensor) -> torch.Tensor:
-    """identity_gap from per-sample ``[||h - x||^2, ||x||^2]`` (shape (2, N), as
-    :mod:`gradlab.probing.fused` gives them)."""
-    return (sums[0].sqrt() / (sums[1].sqrt() + EPS)).mean().float()
+def identity_gap_sq(dd: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+    """identity_gap from per-sample ||h - x||^2 and ||x||^2, of shape (N,) or (N, B)."""
+    return (dd.sqrt() / (xx.sqrt() + EPS)).mean(0)
 
 
 def module_norms(tensors: list[torch.Tensor | None], owner: torch.Tensor,

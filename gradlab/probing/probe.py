@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gradlab.models.cifar_resnet import BasicBlock, ResidualAdd
 from gradlab.probing import metrics as M
+from gradlab.probing.fused import SumTable
 from gradlab.probing.fused import kernels as _kernels
 
 __all__ = ["Probe", "PendingFrame"]
@@ -110,7 +111,12 @@ class Probe:
         self.fused = fused
         self._handles: list = []
         self._order_handles: list = []
+        # This step's values, keyed (module, metric): eager 0-d tensors in _store; the C kernels'
+        # per-sample sums as column indices into _sums (derived all at once in snapshot()).
+        # A key lives in one of the two; a later forward replaces an earlier one's value.
         self._store: dict[tuple[str, str], torch.Tensor] = {}
+        self._cols: dict[tuple[str, str], tuple] = {}
+        self._sums = SumTable()
         # Transient per-forward state, Python ints and tiny tensors only: BN running variance
         # before its forward (C floats), per-sample shortcut norms awaiting the block's hook.
         self._bn_before: dict[str, torch.Tensor] = {}
@@ -120,12 +126,12 @@ class Probe:
         # and the per-channel constants of that batched computation, built once per layout.
         self._bn_pending: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = {}
         self._bn_consts: tuple[tuple, M.BNConstants] | None = None
-        # gradlab blocks reduced by the add's fused pass: the shortcut's key, per-sample
-        # [||h - s||^2, ||s||^2] for identity_gap, and ||h||^2 (h = relu(F + s), the output).
-        self._block_sums: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
-        # The last such output (weakly held, with its version) and its per-sample ||h||^2: the
-        # next block's input, so that block's ||x||^2 needs no pass over x, which is cold by then.
-        self._out_sq: tuple[weakref.ref, int, torch.Tensor] | None = None
+        # gradlab blocks reduced by the add's fused pass: the shortcut's key and the columns of
+        # ||h - s||^2, ||s||^2 (identity_gap) and ||h||^2 (h = relu(F + s), the output).
+        self._block_sums: dict[str, tuple[tuple, int, int, int]] = {}
+        # The last such output (weakly held, with its version) and the column of its ||h||^2:
+        # the next block's input, whose ||x||^2 then needs no pass over x (cold by then).
+        self._out_sq: tuple[weakref.ref, int, int] | None = None
         # Reusable buffers for h - x (one per activation shape); not activations themselves.
         self._scratch: dict[tuple, torch.Tensor] = {}
         named = list(model.named_modules())
@@ -186,6 +192,8 @@ class Probe:
         while self._handles:
             self._handles.pop().remove()
         self._store.clear()
+        self._cols.clear()
+        self._sums.filled()
         self._bn_before.clear()
         self._shortcut_norms.clear()
         self._bn_pending.clear()
@@ -201,15 +209,27 @@ class Probe:
     def _recording(self) -> bool:
         return self.enabled and torch.is_grad_enabled()
 
-    def _fuse(self, *tensors: torch.Tensor) -> bool:
-        return self.fused is not False and _kernels.usable(*tensors)
-
-    def _known_sq(self, t: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample ||t||^2 if t is the last gradlab block's output, unchanged since."""
+    def _known_sq(self, t: torch.Tensor) -> int | None:
+        """Column of per-sample ||t||^2 if t is the last gradlab block's output, unchanged."""
         if self._out_sq is None:
             return None
-        ref, version, sq = self._out_sq
-        return sq if ref() is t and t._version == version else None
+        ref, version, col = self._out_sq
+        return col if ref() is t and t._version == version else None
+
+    def _run(self, name: str, *tensors: torch.Tensor) -> int | None:
+        """Kernel ``name`` into this step's table of sums: its first column, or None when the
+        kernels cannot take the tensors (then the caller's eager formula is used)."""
+        if self.fused is False:
+            return None
+        return self._sums.run(name, *tensors)
+
+    def _put(self, key: tuple[str, str], value: torch.Tensor) -> None:
+        self._store[key] = value
+        self._cols.pop(key, None)
+
+    def _put_cols(self, key: tuple[str, str], cols: tuple) -> None:
+        self._cols[key] = cols
+        self._store.pop(key, None)
 
     def _order_hook(self, name: str):
         def hook(module, args):
@@ -247,16 +267,16 @@ class Probe:
             if out.requires_grad:
                 def grad_hook(g):
                     g = g.detach()
-                    store[(name, "response_grad_norm")] = (
-                        _kernels("sq", g).sum().sqrt().float() if self._fuse(g)
-                        else M.grad_norm(g))
+                    col = self._run("sq", g)
+                    if col is not None:
+                        self._put_cols((name, "response_grad_norm"), (col,))
+                    else:
+                        self._put((name, "response_grad_norm"), M.grad_norm(g))
                 out.register_hook(grad_hook)
             return None
         return hook
 
     def _add_hook(self, block: str):
-        store = self._store
-
         def hook(module, args, out):
             if not self._recording() or len(args) != 2:
                 return None
@@ -265,39 +285,31 @@ class Probe:
                 return None
             known = self._known_sq(s)  # before detach(), which makes a new tensor object
             f, s, t = f.detach(), s.detach(), out.detach()
-            if block in self._relu_blocks and self._fuse(f, t):
+            if block in self._relu_blocks:
                 # One pass over F and t = F + s, both just computed. ||s||^2 comes from the
                 # previous block's pass when s is its output (identity shortcut), else from one
                 # pass over s; <F, s> = (||t||^2 - ||F||^2 - ||s||^2) / 2, as in the eager path,
                 # from sums accumulated in float64.
-                ss = known
-                if ss is None:
-                    if not self._fuse(s):
-                        return self._add_eager(block, f, s, t)
-                    ss = _kernels("sq", s)[0]
-                ff, tt, hh, dd = _kernels("addrelu", f, t)
-                store[(block, "residual_stats")] = M.residual_stats_from_sums(
-                    torch.stack((ff, ss, (tt - ff - ss) * 0.5)))
-                # dd = ||relu(t) - s||^2: the block's identity_gap numerator when s is its input.
-                self._block_sums[block] = (_tensor_key(s), torch.stack((dd, ss)), hh)
-                return None
-            if self._fuse(f, s):
-                store[(block, "residual_stats")] = M.residual_stats_from_sums(
-                    _kernels("pair", f, s)[:3])
-                return None
-            return self._add_eager(block, f, s, t)
+                ss = known if known is not None else self._run("sq", s)
+                col = self._run("addrelu", f, t) if ss is not None else None
+                if col is not None:  # columns ||F||^2, ||t||^2, ||relu t||^2, ||relu t - s||^2
+                    self._put_cols((block, "residual_stats"), (col, ss, col + 1, True))
+                    self._block_sums[block] = (_tensor_key(s), col + 3, ss, col + 2)
+                    return None
+            else:
+                col = self._run("pair", f, s)
+                if col is not None:  # columns ||F||^2, ||s||^2, <F, s>, (unused)
+                    self._put_cols((block, "residual_stats"), (col, col + 1, col + 2, False))
+                    return None
+            ns = M.sample_norms(s)
+            # The block's hook reuses these norms when its input is this very tensor (identity
+            # shortcut): matched by storage address, shape and strides, plain Python ints.
+            self._shortcut_norms[block] = (_tensor_key(s), ns)
+            self._put((block, "residual_stats"), M.residual_stats(f, s, t, ns))
+            return None
         return hook
 
-    def _add_eager(self, block: str, f: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> None:
-        ns = M.sample_norms(s)
-        # The block's hook reuses these norms when its input is this very tensor (identity
-        # shortcut): matched by storage address, shape and strides, plain Python ints.
-        self._shortcut_norms[block] = (_tensor_key(s), ns)
-        self._store[(block, "residual_stats")] = M.residual_stats(f, s, t, ns)
-
     def _block_hook(self, name: str):
-        store = self._store
-
         def hook(module, args, out):
             if not self._recording() or not args or not isinstance(out, torch.Tensor):
                 return None
@@ -306,23 +318,30 @@ class Probe:
             fused = self._block_sums.pop(name, None)
             if fused is not None:
                 # out is relu(t) of the add's pass: its ||out||^2 serves the next block.
-                self._out_sq = (weakref.ref(out), out._version, fused[2])
-            if fused is not None and isinstance(x, torch.Tensor) and fused[0] == _tensor_key(x):
-                store[(name, "identity_gap")] = M.identity_gap_from_sums(fused[1])
-            elif isinstance(x, torch.Tensor) and x.shape == out.shape and self._fuse(out, x):
-                store[(name, "identity_gap")] = M.identity_gap_from_sums(
-                    _kernels("gap", out.detach(), x.detach()))
-            elif isinstance(x, torch.Tensor) and x.shape == out.shape:
-                x_norms = cached[1] if cached and cached[0] == _tensor_key(x) else None
-                store[(name, "identity_gap")] = M.identity_gap(
-                    x.detach(), out.detach(), x_norms=x_norms, scratch=self._scratch_like(out))
+                key, dd, ss, hh = fused
+                self._out_sq = (weakref.ref(out), out._version, hh)
+                if isinstance(x, torch.Tensor) and key == _tensor_key(x):
+                    self._put_cols((name, "identity_gap"), (dd, ss))
+                    return None
+            if not isinstance(x, torch.Tensor) or x.shape != out.shape:
+                return None
+            h, x = out.detach(), x.detach()
+            col = self._run("gap", h, x)
+            if col is not None:  # columns ||h - x||^2, ||x||^2
+                self._put_cols((name, "identity_gap"), (col, col + 1))
+                return None
+            x_norms = cached[1] if cached and cached[0] == _tensor_key(x) else None
+            self._put((name, "identity_gap"), M.identity_gap(
+                x, h, x_norms=x_norms, scratch=self._scratch_like(h)))
             return None
         return hook
 
-    def _settle_all_bn(self) -> None:
+    def _settle_all_bn(self) -> tuple[list[str], torch.Tensor] | None:
         """response_std of every pending BatchNorm in one vectorized computation."""
         if not self._bn_pending:
-            return
+            return None
+        for name in self._bn_pending:
+            self._store.pop((name, "response_std"), None)  # a later forward's value wins
         names = list(self._bn_pending)
         entries = [self._bn_pending[n] for n in names]
         self._bn_pending.clear()
@@ -332,8 +351,38 @@ class Probe:
             self._bn_consts = (layout, M.BNConstants.build(layout))
         stds = M.bn_response_stds([m for m, *_ in entries], [b for _, b, _, _ in entries],
                                   [a for _, _, a, _ in entries], self._bn_consts[1])
-        for i, name in enumerate(names):
-            self._store[(name, "response_std")] = stds[i]
+        return names, stds
+
+    def _settle_sums(self) -> list[tuple[list[str], str, torch.Tensor]]:
+        """Every metric whose per-sample sums the kernels wrote this step, a few vectorized ops
+        per metric over the table's columns: (layers, metric, values) groups."""
+        table = self._sums.filled()
+        items = list(self._cols.items())
+        self._cols.clear()
+        groups: list[tuple[list[str], str, torch.Tensor]] = []
+        if not items:
+            return groups
+
+        def pick(entries, i):
+            return table.index_select(1, torch.tensor([e[1][i] for e in entries]))
+
+        grads = [e for e in items if e[0][1] == "response_grad_norm"]
+        if grads:
+            groups.append(([k[0] for k, _ in grads], "response_grad_norm",
+                           pick(grads, 0).sum(0).sqrt()))
+        res = [e for e in items if e[0][1] == "residual_stats"]
+        if res:
+            ff, ss, third = pick(res, 0), pick(res, 1), pick(res, 2)
+            diff = torch.tensor([c[3] for _, c in res])
+            dot = torch.where(diff, (third - ff - ss) * 0.5, third)
+            ratio, cosine = M.ratio_cosine(ff, ss, dot)
+            names = [k[0] for k, _ in res]
+            groups += [(names, "residual_ratio", ratio), (names, "residual_cosine", cosine)]
+        gaps = [e for e in items if e[0][1] == "identity_gap"]
+        if gaps:
+            groups.append(([k[0] for k, _ in gaps], "identity_gap",
+                           M.identity_gap_sq(pick(gaps, 0), pick(gaps, 1))))
+        return groups
 
     def _scratch_like(self, t: torch.Tensor) -> torch.Tensor:
         key = (tuple(t.shape), t.stride(), t.dtype, t.device)
@@ -369,7 +418,6 @@ class Probe:
         metrics when the loss was scaled (fp16 ``GradScaler``); bf16 needs none.
         """
         self._freeze_depths()
-        self._settle_all_bn()
         self._out_sq = None
         layers: list[str] = []
         metrics: list[str] = []
@@ -391,6 +439,17 @@ class Probe:
             parts += [g.float(), w.float()]
             layers += names + names
             metrics += ["grad_norm"] * n + ["weight_norm"] * n
+        bn = self._settle_all_bn()
+        if bn is not None:
+            parts.append(bn[1].float())
+            layers += bn[0]
+            metrics += ["response_std"] * len(bn[0])
+        for names, metric, values in self._settle_sums():
+            if metric == "response_grad_norm" and grad_scale is not None:
+                values = values / grad_scale
+            parts.append(values.float())
+            layers += names
+            metrics += [metric] * len(names)
         scalars: list[torch.Tensor] = []
         for (name, kind), value in self._store.items():
             if kind == "residual_stats":
@@ -405,9 +464,12 @@ class Probe:
                 metrics.append(kind)
         self._store.clear()
         if scalars:
-            device = scalars[0].device
-            parts = [p.to(device) for p in parts] + [torch.stack(scalars).float()]
-        values = torch.cat(parts) if parts else torch.zeros(0)
+            parts.append(torch.stack(scalars).float())
+        if parts:
+            device = parts[-1].device  # eager values live on the model's device
+            values = torch.cat([p.to(device) for p in parts])
+        else:
+            values = torch.zeros(0)
         depths = [self._depth[n] for n in layers]
         return PendingFrame(values, layers, depths, metrics)
 
