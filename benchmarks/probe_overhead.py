@@ -3,19 +3,26 @@ gradlab loop, measured interleaved in one process.
 
 The loop timed is gradlab's own (:class:`gradlab.training.Trainer`: on-device batches and
 augmentation, forward, backward, snapshot, one host copy per logged step, optimizer step), with
-the logged rows handed to the same background writer (Parquet + TensorBoard) a run uses. Modes
-run in blocks of ``--block`` steps, round-robin, so drift in machine speed hits every mode alike;
-the ratio is the median block time of a mode over the median block time of the unprobed loop.
+the logged rows handed to the same background writer (Parquet + TensorBoard) a run uses.
 
-Fairness details: the unprobed blocks run with every probe hook removed (checked before each
-block, not assumed); each mode keeps its own step counter, so "every N" logs exactly 1 in N of
-its steps whatever ``--block`` is; and each probed block waits, inside its timed region, until
-the background writer has consumed what the block produced (Parquet rows buffered, TensorBoard
-events serialized), so writer work is charged to the mode that caused it instead of spilling
-into the next (often unprobed) block on a machine with few cores.
+Design. Machine speed on a shared VM drifts by 10-20% within minutes, far more than the effect
+measured, so the modes (unprobed, every N1, every N2, ...) are interleaved one *step* at a time:
+a round is one step of each mode, in an order that rotates from round to round, so neighbouring
+steps of different modes are under the same conditions. Rounds are grouped in windows of
+max(N) rounds; in each window a mode "every N" logs exactly max(N)/N of its steps, as in a real
+run. Per window and mode the ratio is (sum of the mode's step times) / (sum of the unprobed step
+times); the estimate is the median over windows with a 95% bootstrap interval, and the pooled
+ratio (all steps of the mode over all unprobed steps) is printed beside it.
+
+Fairness details: unprobed steps run with every probe hook removed (checked, not assumed), and
+so do the unlogged steps of the probed modes (a disabled probe holds no hooks); each mode keeps
+its own step counter; and a logged step waits, inside its timed region, until the background
+writer has consumed its rows (Parquet rows buffered, TensorBoard events serialized), so writer
+work is charged to the step that caused it instead of spilling into a neighbour on a machine
+with few cores.
 
     python benchmarks/probe_overhead.py                  # resnet56, batch 128, every 1 / 10
-    python benchmarks/probe_overhead.py --quick          # fewer rounds
+    python benchmarks/probe_overhead.py --quick          # fewer windows
     python benchmarks/probe_overhead.py --amp auto off   # also float32 where auto picks bf16
     python benchmarks/probe_overhead.py --models resnet20 resnet56 resnet110 plain56 \
         --every 1 10 100
@@ -62,12 +69,13 @@ def drain(sink: _Sink, dash: Dashboard | None) -> None:
         dash._writer.flush()
 
 
-def measure(model: str, batch: int, everies: list[int], rounds: int, block: int,
-            device: torch.device, tensorboard: bool, amp: str = "auto") -> dict[str, float]:
+def measure(model: str, batch: int, everies: list[int], windows: int,
+            device: torch.device, tensorboard: bool, amp: str = "auto") -> dict:
     cfg = TrainConfig(model=model, dataset="synthetic", batch_size=batch, steps=10**6, amp=amp)
     data = load_dataset("synthetic", synthetic_size=max(4 * batch, 1024)).to(device)
     tr = Trainer(cfg, data, device, probe=True)
     it = batches(data.train_size, batch, seed=0)
+    span = max(everies)
     with tempfile.TemporaryDirectory() as tmp:
         writer = MetricWriter(Path(tmp) / "metrics")
         dash = Dashboard(Path(tmp) / "tb", {"name": model, "config": cfg.to_dict()}) \
@@ -77,7 +85,7 @@ def measure(model: str, batch: int, everies: list[int], rounds: int, block: int,
         modes: list[int | None] = [None, *everies]
         count = dict.fromkeys(modes, 0)  # per-mode step counters: exactly 1 in N steps logged
 
-        def run_block(every: int | None) -> float:
+        def run_step(every: int | None) -> float:
             nonlocal step
             if every is None:
                 tr.probe.detach()  # the unprobed loop: no hooks on the model at all
@@ -85,45 +93,45 @@ def measure(model: str, batch: int, everies: list[int], rounds: int, block: int,
                     raise RuntimeError("hooks left on the model of the unprobed loop")
             else:
                 tr.probe.attach()
+            logged = every is not None and count[every] % every == 0
+            count[every] += 1
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for _ in range(block):
-                logged = every is not None and count[every] % every == 0
-                count[every] += 1
-                _, cols, _ = tr.step(next(it), 0.01, logged)
-                if cols is not None:
-                    sink.put(step, cols)
-                step += 1
-            if every is not None:
+            _, cols, _ = tr.step(next(it), 0.01, logged)
+            if cols is not None:
+                sink.put(step, cols)
                 drain(sink, dash)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            return (time.perf_counter() - t0) / block
+            step += 1
+            return time.perf_counter() - t0
 
-        for m in modes:  # warm-up: allocator, oneDNN primitives, first-pass probe setup
-            run_block(m)
-        # Block times on a shared machine drift by several percent within a minute, so each
-        # probed block is paired with an unprobed block right beside it (order alternating,
-        # ABBA) and the ratio is taken per pair; the median over pairs is the estimate.
-        ratios: dict[int, list[float]] = {m: [] for m in everies}
-        base_times: list[float] = []
-        for r in range(rounds):
-            for m in everies:
-                if r % 2 == 0:
-                    t_base, t_probed = run_block(None), run_block(m)
-                else:
-                    t_probed, t_base = run_block(m), run_block(None)
-                ratios[m].append(t_probed / t_base)
-                base_times.append(t_base)
+        for _ in range(2):  # warm-up: allocator, oneDNN primitives, first-pass probe setup
+            for m in modes:
+                run_step(m)
+        for m in everies:
+            count[m] = 0
+        times: dict[int | None, list[list[float]]] = {m: [] for m in modes}
+        for w in range(windows):
+            for m in modes:
+                times[m].append([])
+            for r in range(span):
+                k = (w * span + r) % len(modes)
+                for m in modes[k:] + modes[:k]:  # the order rotates from round to round
+                    times[m][-1].append(run_step(m))
         sink.flush()
         sink.close()
         if dash is not None:
             dash.close()
-    out = {"unprobed_ms": statistics.median(base_times) * 1e3, "bf16": tr.amp}
+    base = [sum(t) for t in times[None]]
+    out = {"unprobed_ms": statistics.median(t for ts in times[None] for t in ts) * 1e3,
+           "bf16": tr.amp}
     for m in everies:
-        out[f"every_{m}"] = statistics.median(ratios[m])
-        out[f"every_{m}_ci"] = _median_ci(ratios[m])
+        ratios = [sum(t) / b for t, b in zip(times[m], base, strict=True)]
+        out[f"every_{m}"] = statistics.median(ratios)
+        out[f"every_{m}_ci"] = _median_ci(ratios)
+        out[f"every_{m}_pooled"] = sum(map(sum, times[m])) / sum(base)
     return out
 
 
@@ -139,31 +147,32 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet56"])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--every", nargs="+", type=int, default=[1, 10])
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--block", type=int, default=None,
-                    help="steps per timed block (default: the largest --every)")
+    ap.add_argument("--windows", type=int, default=10,
+                    help="windows of max(--every) rounds (one step of every mode per round)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-tensorboard", action="store_true")
     ap.add_argument("--amp", nargs="+", default=["auto"], choices=["auto", "bf16", "off"],
                     help="precision(s) to measure (auto: gradlab's default for the device; "
                          "bf16 on CPUs with native bf16)")
-    ap.add_argument("--quick", action="store_true", help="3 rounds (a rough figure in minutes)")
+    ap.add_argument("--quick", action="store_true", help="3 windows (a rough figure in minutes)")
     a = ap.parse_args()
     device = resolve_device(a.device)
-    rounds = 3 if a.quick else a.rounds
-    block = a.block or max(a.every)
+    windows = 3 if a.quick else a.windows
+    span = max(a.every)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {a.batch_size}, {rounds} rounds of {block}-step blocks, "
+          f"batch {a.batch_size}, {windows} windows of {span} rounds (one step per mode), "
           f"TensorBoard {'off' if a.no_tensorboard else 'on'}")
+    print("ratio = median over windows of (mode's time / unprobed time) [95% bootstrap CI]; "
+          "pooled = all its steps / all unprobed steps")
     head = f"{'model':<11}{'precision':<11}{'unprobed ms/step':>18}" + "".join(
-        f"{'every ' + str(e) + ' [95% CI of the median]':>36}" for e in a.every)
+        f"{'every ' + str(e) + ': ratio [CI] pooled':>40}" for e in a.every)
     print(head)
     for model in a.models:
         for amp in a.amp:
-            r = measure(model, a.batch_size, a.every, rounds, block, device,
-                        not a.no_tensorboard, amp)
+            r = measure(model, a.batch_size, a.every, windows, device, not a.no_tensorboard, amp)
             cells = "".join(f"{r[f'every_{e}']:>14.4f} [{r[f'every_{e}_ci'][0]:.4f}, "
-                            f"{r[f'every_{e}_ci'][1]:.4f}]" for e in a.every)
+                            f"{r[f'every_{e}_ci'][1]:.4f}] {r[f'every_{e}_pooled']:.4f}"
+                            for e in a.every)
             prec = "bf16" if r["bf16"] else "float32"
             print(f"{model:<11}{prec:<11}{r['unprobed_ms']:>18.1f}{cells}", flush=True)
 

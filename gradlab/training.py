@@ -279,7 +279,9 @@ class Trainer:
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, **fused)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # augmentation draws, on CPU
-        self.probe = Probe(model, enabled=False) if probe else None
+        # Unlogged steps run without hooks, except under torch.compile, whose graph is traced
+        # with the hooks attached and must keep them.
+        self.probe = Probe(model, enabled=False, keep_hooks=cfg.compile) if probe else None
         if self.probe is not None:
             self.probe.attach()  # before compiling, so the compiled graph keeps the hooks
         self.forward = torch.compile(model) if cfg.compile else model

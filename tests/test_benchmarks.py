@@ -6,6 +6,7 @@ scripts working as gradlab changes under them.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import math
@@ -34,16 +35,29 @@ def _load(name: str):
 CPU = torch.device("cpu")
 
 
-def test_probe_overhead_measure():
+def test_probe_overhead_measure(monkeypatch):
     po = _load("probe_overhead")
-    r = po.measure("resnet8", batch=4, everies=[1, 2], rounds=1, block=2, device=CPU,
+    logged = collections.Counter()
+    real_step = po.Trainer.step
+
+    def counting(self, idx, lr, log, **kw):
+        out = real_step(self, idx, lr, log, **kw)
+        logged[(bool(self.probe._handles), log)] += 1  # hooks of the step just run
+        return out
+
+    monkeypatch.setattr(po.Trainer, "step", counting)
+    r = po.measure("resnet8", batch=4, everies=[1, 2], windows=2, device=CPU,
                    tensorboard=True, amp="off")
-    assert set(r) == {"unprobed_ms", "bf16", "every_1", "every_2", "every_1_ci", "every_2_ci"}
+    assert set(r) == {"unprobed_ms", "bf16", "every_1", "every_2", "every_1_ci", "every_2_ci",
+                      "every_1_pooled", "every_2_pooled"}
     assert r["bf16"] is False
     assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("unprobed_ms", "every_1", "every_2"))
     for e in (1, 2):
         lo, hi = r[f"every_{e}_ci"]
         assert lo <= r[f"every_{e}"] <= hi
+    # 2 warm-up rounds + 2 windows of 2 rounds, 3 modes each: 18 steps. Logged: every 1 all 6
+    # of its steps, every 2 half of them (3). Hooks exist only while a step is logged.
+    assert logged == {(False, False): 9, (True, True): 9}
 
 
 def test_probe_overhead_unprobed_loop_has_no_hooks():

@@ -27,7 +27,8 @@ def test_compiled_model_gives_the_eager_measurements() -> None:
         F.cross_entropy(eager(x), y).backward()
         want = p.collect().set_index(["layer", "metric"]).value
 
-    with Probe(compiled_src) as p:  # attached first, then compiled: the graph keeps the hooks
+    # Attached first, then compiled: the graph keeps the hooks, also while disabled.
+    with Probe(compiled_src, keep_hooks=True) as p:
         model = torch.compile(compiled_src)
         F.cross_entropy(model(x), y).backward()
         got = p.collect().set_index(["layer", "metric"]).value

@@ -656,3 +656,30 @@ def test_a_later_recorded_forward_replaces_an_earlier_one(fused: bool, first_bat
     got, want = (f.set_index(["layer", "metric"])["value"].sort_index() for f in (got, want))
     pd.testing.assert_index_equal(got.index, want.index)
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_disabled_probe_holds_no_hooks_unless_told_to_keep_them(batch) -> None:
+    """Unlogged steps take PyTorch's hook-free path; keep_hooks (torch.compile) keeps them."""
+    x, y = batch
+    model = build("resnet20").train()
+    bare = hook_count(model)
+    with Probe(model, enabled=False) as probe:
+        step(model, x, y)
+        probe.snapshot()  # the forward order is known now: its hooks are gone too
+        assert hook_count(model) == bare
+        probe.enabled = True
+        assert hook_count(model) > bare
+        model.zero_grad(set_to_none=True)
+        step(model, x, y)
+        probe.enabled = False  # values recorded before disabling wait for the snapshot
+        assert hook_count(model) == bare
+        assert set(probe.collect().metric) == set(LAYER_METRICS)
+    with Probe(model, enabled=False, keep_hooks=True) as probe:
+        step(model, x, y)
+        probe.snapshot()
+        kept = hook_count(model)
+        assert kept > bare
+        probe.enabled = True
+        probe.enabled = False
+        assert hook_count(model) == kept
+    assert not hooks_left(model)

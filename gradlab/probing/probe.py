@@ -96,7 +96,10 @@ class Probe:
 
     Hooks record only while :attr:`enabled` is true and autograd is on (evaluation passes under
     ``torch.no_grad()`` are ignored); a training loop flips :attr:`enabled` on logged steps only.
-    Every handle is owned by the probe and removed on exit, also after an exception.
+    A disabled probe holds no hooks at all (module calls take PyTorch's hook-free fast path), so
+    unlogged steps cost nothing; ``keep_hooks=True`` keeps them registered while disabled, for a
+    model compiled with ``torch.compile`` after attaching, whose graph must keep seeing the same
+    hooks. Every handle is owned by the probe and removed on exit, also after an exception.
 
     ``fused``: reduce CPU activations and their gradients with gradlab's C kernels
     (:mod:`gradlab.probing.fused`), one pass per tensor. ``None`` (default): wherever they apply
@@ -105,10 +108,13 @@ class Probe:
     attach; ``False``: eager formulas only. The values agree to float32 rounding either way.
     """
 
-    def __init__(self, model: nn.Module, *, enabled: bool = True, fused: bool | None = None):
+    def __init__(self, model: nn.Module, *, enabled: bool = True, fused: bool | None = None,
+                 keep_hooks: bool = False):
         self.model = model
-        self.enabled = enabled
+        self._enabled = bool(enabled)
         self.fused = fused
+        self.keep_hooks = keep_hooks
+        self._attached = False
         self._handles: list = []
         self._order_handles: list = []
         # This step's values, keyed (module, metric): eager 0-d tensors in _store; the C kernels'
@@ -160,21 +166,31 @@ class Probe:
     def __exit__(self, *exc) -> None:
         self.detach()
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the hooks record; setting it registers or removes them (see the class)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        if self._attached:
+            if self._enabled or self.keep_hooks:
+                self._register()
+            else:
+                self._unregister()
+
     def attach(self) -> None:
-        """Register every hook (idempotent: a probe attaches once)."""
-        if self._handles:
+        """Attach to the model (idempotent): the measuring hooks while enabled, and until the
+        first snapshot the hooks that learn the forward order."""
+        if self._attached:
             return
         if self.fused:
             _kernels.load(required=True)
+        self._attached = True
         try:
-            for name, mod in self._response_modules:
-                if _exact_bn(mod):
-                    self._handles.append(mod.register_forward_pre_hook(self._bn_pre_hook(name)))
-                self._handles.append(mod.register_forward_hook(self._response_hook(name)))
-            for block, mod in self._adds:
-                self._handles.append(mod.register_forward_hook(self._add_hook(block)))
-            for name, mod in self._blocks:
-                self._handles.append(mod.register_forward_hook(self._block_hook(name)))
+            if self._enabled or self.keep_hooks:
+                self._register()
             if not self._depth:
                 self._order = []
                 measured = {n: m for n, m in (self._param_modules + self._response_modules
@@ -186,19 +202,40 @@ class Probe:
             self.detach()
             raise
 
-    def detach(self) -> None:
-        """Remove every hook this probe registered and drop pending values."""
-        self._remove_order_hooks()
+    def _register(self) -> None:
+        if self._handles:
+            return
+        try:
+            for name, mod in self._response_modules:
+                if _exact_bn(mod):
+                    self._handles.append(mod.register_forward_pre_hook(self._bn_pre_hook(name)))
+                self._handles.append(mod.register_forward_hook(self._response_hook(name)))
+            for block, mod in self._adds:
+                self._handles.append(mod.register_forward_hook(self._add_hook(block)))
+            for name, mod in self._blocks:
+                self._handles.append(mod.register_forward_hook(self._block_hook(name)))
+        except BaseException:
+            self._unregister()
+            raise
+
+    def _unregister(self) -> None:
+        """Remove the measuring hooks; values recorded so far wait for the snapshot."""
         while self._handles:
             self._handles.pop().remove()
+        self._bn_before.clear()
+        self._shortcut_norms.clear()
+        self._block_sums.clear()
+        self._out_sq = None
+
+    def detach(self) -> None:
+        """Remove every hook this probe registered and drop pending values."""
+        self._attached = False
+        self._remove_order_hooks()
+        self._unregister()
         self._store.clear()
         self._cols.clear()
         self._sums.filled()
-        self._bn_before.clear()
-        self._shortcut_norms.clear()
         self._bn_pending.clear()
-        self._block_sums.clear()
-        self._out_sq = None
         self._scratch.clear()
 
     def _remove_order_hooks(self) -> None:
