@@ -303,12 +303,12 @@ class Probe:
                                                  else M.response_std(out.detach()))
             if out.requires_grad:
                 def grad_hook(g):
-                    g = g.detach()
+                    # The kernels only read memory: no detach() (a new tensor object) needed.
                     col = self._run("sq", g)
                     if col is not None:
                         self._put_cols((name, "response_grad_norm"), (col,))
                     else:
-                        self._put((name, "response_grad_norm"), M.grad_norm(g))
+                        self._put((name, "response_grad_norm"), M.grad_norm(g.detach()))
                 out.register_hook(grad_hook)
             return None
         return hook
@@ -320,14 +320,15 @@ class Probe:
             f, s = args
             if not all(isinstance(a, torch.Tensor) for a in (f, s, out)):
                 return None
-            known = self._known_sq(s)  # before detach(), which makes a new tensor object
-            f, s, t = f.detach(), s.detach(), out.detach()
+            t = out
             if block in self._relu_blocks:
                 # One pass over F and t = F + s, both just computed. ||s||^2 comes from the
                 # previous block's pass when s is its output (identity shortcut), else from one
                 # pass over s; <F, s> = (||t||^2 - ||F||^2 - ||s||^2) / 2, as in the eager path,
                 # from sums accumulated in float64.
-                ss = known if known is not None else self._run("sq", s)
+                ss = self._known_sq(s)
+                if ss is None:
+                    ss = self._run("sq", s)
                 col = self._run("addrelu", f, t) if ss is not None else None
                 if col is not None:  # columns ||F||^2, ||t||^2, ||relu t||^2, ||relu t - s||^2
                     self._put_cols((block, "residual_stats"), (col, ss, col + 1, True))
@@ -338,6 +339,7 @@ class Probe:
                 if col is not None:  # columns ||F||^2, ||s||^2, <F, s>, (unused)
                     self._put_cols((block, "residual_stats"), (col, col + 1, col + 2, False))
                     return None
+            f, s, t = f.detach(), s.detach(), t.detach()
             ns = M.sample_norms(s)
             # The block's hook reuses these norms when its input is this very tensor (identity
             # shortcut): matched by storage address, shape and strides, plain Python ints.
@@ -362,11 +364,11 @@ class Probe:
                     return None
             if not isinstance(x, torch.Tensor) or x.shape != out.shape:
                 return None
-            h, x = out.detach(), x.detach()
-            col = self._run("gap", h, x)
+            col = self._run("gap", out, x)
             if col is not None:  # columns ||h - x||^2, ||x||^2
                 self._put_cols((name, "identity_gap"), (col, col + 1))
                 return None
+            h, x = out.detach(), x.detach()
             x_norms = cached[1] if cached and cached[0] == _tensor_key(x) else None
             self._put((name, "identity_gap"), M.identity_gap(
                 x, h, x_norms=x_norms, scratch=self._scratch_like(h)))
