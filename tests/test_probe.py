@@ -683,3 +683,47 @@ def test_a_disabled_probe_holds_no_hooks_unless_told_to_keep_them(batch) -> None
         probe.enabled = False
         assert hook_count(model) == kept
     assert not hooks_left(model)
+
+
+def test_bn_response_std_when_batchnorms_run_twice_not_at_all_or_on_their_own() -> None:
+    """The C-vector formula needs each BatchNorm to run once per recorded forward of the model;
+    a BatchNorm called twice, or called outside a forward of the model, is measured on its
+    output instead, and one that does not run is left out."""
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.shared, self.once, self.unused = (nn.BatchNorm2d(4) for _ in range(3))
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.shared(self.conv(x))
+            h = self.once(torch.relu(h))
+            h = self.shared(h * 0.5 + 1)  # the same BatchNorm again
+            return self.head(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Odd().train()
+    with torch.no_grad():
+        for bn in (model.shared, model.once):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    seen: dict[str, torch.Tensor] = {}
+    handles = [getattr(model, n).register_forward_hook(
+        lambda m, a, o, n=n: seen.__setitem__(n, o.detach().double().std()))
+        for n in ("shared", "once")]
+    x = torch.randn(6, 2, 5, 5)
+    with Probe(model) as probe:
+        for _ in range(2):
+            step(model, x, torch.zeros(6, dtype=torch.long))
+            got = rows(probe.collect(), "response_std")
+            assert set(got.index) == {"shared", "once", "head"}  # "unused" never ran
+            for n in ("shared", "once"):  # "shared": its second call
+                assert math.isclose(got[n], seen[n].item(), rel_tol=1e-5), n
+        alone = torch.randn(6, 4, 5, 5) * 3
+        model.once(alone)  # a BatchNorm on its own, not within a forward of the model
+        got = rows(probe.collect(), "response_std")
+        assert math.isclose(got["once"], seen["once"].item(), rel_tol=1e-5)
+    for h in handles:
+        h.remove()

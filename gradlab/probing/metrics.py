@@ -56,38 +56,6 @@ def response_std(out: torch.Tensor) -> torch.Tensor:
     return torch.std(_f32(out))
 
 
-def bn_batch_var(bn, running_var_before: torch.Tensor, count: int) -> torch.Tensor | None:
-    """Biased batch variance per channel of the batch a BatchNorm just normalized.
-
-    BN updates ``running_var <- (1 - m) running_var + m * v * count / (count - 1)`` (unbiased v);
-    solving for v needs only the C-vector saved before the forward. Cancellation in the difference
-    barely matters: v enters the response only through v / (v + eps), whose relative sensitivity
-    to v is eps / (v + eps). Returns None when BN did not update its statistics this way.
-    """
-    if bn.momentum is None:  # cumulative moving average: the weight is 1 / batches seen
-        if bn.num_batches_tracked is None:
-            return None
-        m = 1.0 / bn.num_batches_tracked.float()  # stays on the device
-    else:
-        m = bn.momentum
-    unbiased = (bn.running_var - (1 - m) * running_var_before) / m
-    return (unbiased * ((count - 1) / count)).clamp_min(0)
-
-
-def bn_response_std(bn, batch_var: torch.Tensor, count: int) -> torch.Tensor:
-    """Unbiased std over all elements of BN's output, from its per-channel parameters.
-
-    Per channel c (``count`` elements each): mean beta_c, sum of squared deviations
-    count * gamma_c^2 * v_c / (v_c + eps); the total adds count * (beta_c - mean(beta))^2.
-    """
-    C = batch_var.numel()
-    gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(batch_var)
-    beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(batch_var)
-    within = gamma.square() * (batch_var / (batch_var + bn.eps))
-    between = (beta - beta.mean()).square()
-    return torch.sqrt((within + between).sum() * count / (C * count - 1))
-
-
 @dataclass(frozen=True)
 class BNConstants:
     """Per-channel constants of many BatchNorms side by side, for :func:`bn_response_stds`."""
@@ -98,10 +66,14 @@ class BNConstants:
     eps: torch.Tensor  # per channel
     channels: torch.Tensor  # per BatchNorm: C
     unbias: torch.Tensor  # per BatchNorm: count / (C * count - 1)
+    select: torch.Tensor | None  # these BatchNorms' channels in the running variances given
 
     @staticmethod
-    def build(layout: tuple[tuple[int, int, float, float, torch.device], ...]) -> BNConstants:
-        """From ``(C, count, momentum, eps, device)`` per BatchNorm (one host copy, once)."""
+    def build(layout: tuple[tuple[int, int, float, float, torch.device], ...],
+              select: list[int] | None = None) -> BNConstants:
+        """From ``(C, count, momentum, eps, device)`` per BatchNorm (one host copy, once);
+        ``select``: their channels' positions in the concatenated running variances that
+        :func:`bn_response_stds` will get, when those hold more BatchNorms."""
         dev = layout[0][4]
         sizes = [c for c, *_ in layout]
 
@@ -116,21 +88,29 @@ class BNConstants:
             eps=per_channel([e for _, _, _, e, _ in layout]),
             channels=torch.tensor(sizes, dtype=torch.float32, device=dev),
             unbias=torch.tensor([n / (c * n - 1) for c, n, *_ in layout], dtype=torch.float32,
-                                device=dev))
+                                device=dev),
+            select=None if select is None else torch.tensor(select, dtype=torch.int64,
+                                                            device=dev))
 
 
-def bn_response_stds(bns: list, befores: list[torch.Tensor], afters: list[torch.Tensor],
+def bn_response_stds(bns: list, before: torch.Tensor, after: torch.Tensor,
                      k: BNConstants) -> torch.Tensor:
-    """:func:`bn_response_std` of many BatchNorms (float ``momentum``) in one set of ops.
+    """response_std of many BatchNorms in training mode (float ``momentum``), exactly, from
+    what each computed, in one set of ops (about 20 for a whole network).
 
-    ``befores``/``afters``: each BatchNorm's running variance before and after its forward;
-    gamma and beta are read from the modules (unchanged until the optimizer step). The same
-    formula on the C-vectors concatenated; per-BatchNorm sums and means by ``index_add`` over
-    the channel-to-BatchNorm ``segment`` index: about 20 tensor ops for a whole network instead
-    of about 20 per BatchNorm.
+    BN updates ``running_var <- (1 - m) running_var + m * v * count / (count - 1)`` with v the
+    biased batch variance of each channel, so v follows from the running variance before and
+    after the forward (``before``/``after``: concatenated C-vectors). Per channel c (``count``
+    elements each) the output has mean beta_c and sum of squared deviations
+    count * gamma_c^2 * v_c / (v_c + eps); the total adds count * (beta_c - mean(beta))^2.
+    Cancellation in the difference barely matters: v enters only through v / (v + eps), whose
+    relative sensitivity to v is eps / (v + eps). gamma and beta are read from the modules
+    (unchanged until the optimizer step); per-BatchNorm sums go by ``index_add`` over the
+    channel-to-BatchNorm ``segment`` index.
     """
-    before = torch.cat(befores).float()
-    after = torch.cat(afters).float()
+    if k.select is not None:
+        before, after = before.index_select(0, k.select), after.index_select(0, k.select)
+    before, after = before.float(), after.float()
     gamma = torch.cat([bn.weight.detach() if bn.weight is not None
                        else torch.ones_like(bn.running_var) for bn in bns]).float()
     beta = torch.cat([bn.bias.detach() if bn.bias is not None

@@ -67,7 +67,7 @@ class PendingFrame:
 
 
 def _exact_bn(module: nn.Module) -> bool:
-    # Only the stock BatchNorm classes update running_var by the formula bn_batch_var inverts.
+    # Only the stock BatchNorm classes update running_var by the formula bn_response_stds inverts.
     return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and \
         module.track_running_stats
 
@@ -123,15 +123,17 @@ class Probe:
         self._store: dict[tuple[str, str], torch.Tensor] = {}
         self._cols: dict[tuple[str, str], tuple] = {}
         self._sums = SumTable()
-        # Transient per-forward state, Python ints and tiny tensors only: BN running variance
-        # before its forward (C floats), per-sample shortcut norms awaiting the block's hook.
-        self._bn_before: dict[str, torch.Tensor] = {}
+        # Per-sample shortcut norms awaiting the block's hook (eager path).
         self._shortcut_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
-        # BatchNorms whose response_std waits for the snapshot, where all are computed at once
-        # from C-vectors (name -> (module, running_var before and after its forward, count)),
-        # and the per-channel constants of that batched computation, built once per layout.
-        self._bn_pending: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = {}
-        self._bn_consts: tuple[tuple, M.BNConstants] | None = None
+        # BatchNorm response_std, exact from C-vectors: the running variances of all stock
+        # BatchNorms are read in one cat when a recorded forward of the model starts and in
+        # another when it ends; the BatchNorms that ran once in between (name -> elements per
+        # channel, -1 if it ran twice) get response_std from those in snapshot(), all at once.
+        self._in_forward = False
+        self._bn_start: torch.Tensor | None = None
+        self._bn_run: dict[str, int] = {}
+        self._bn_forwards: list[tuple[torch.Tensor, torch.Tensor, dict[str, int]]] = []
+        self._bn_consts: dict[tuple, M.BNConstants] = {}
         # gradlab blocks reduced by the add's fused pass: the shortcut's key and the columns of
         # ||h - s||^2, ||s||^2 (identity_gap) and ||h||^2 (h = relu(F + s), the output).
         self._block_sums: dict[str, tuple[tuple, int, int, int]] = {}
@@ -146,6 +148,8 @@ class Probe:
         final_linear = linears[-1] if linears else None
         self._response_modules = [(n, m) for n, m in named
                                   if isinstance(m, _BatchNorm) or n == final_linear]
+        self._bn_all = [(n, m) for n, m in self._response_modules if _exact_bn(m)]
+        self._bn_index = {n: i for i, (n, _) in enumerate(self._bn_all)}
         adds = [(n, m) for n, m in named if isinstance(m, ResidualAdd)]
         add_parent = {n.rpartition(".")[0]: n for n, _ in adds}
         self._blocks = [(n, m) for n, m in named
@@ -206,14 +210,16 @@ class Probe:
         if self._handles:
             return
         try:
+            if self._bn_all:
+                self._handles.append(self.model.register_forward_pre_hook(self._start_hook))
             for name, mod in self._response_modules:
-                if _exact_bn(mod):
-                    self._handles.append(mod.register_forward_pre_hook(self._bn_pre_hook(name)))
                 self._handles.append(mod.register_forward_hook(self._response_hook(name)))
             for block, mod in self._adds:
                 self._handles.append(mod.register_forward_hook(self._add_hook(block)))
             for name, mod in self._blocks:
                 self._handles.append(mod.register_forward_hook(self._block_hook(name)))
+            if self._bn_all:  # registered last: runs after every hook of the model's modules
+                self._handles.append(self.model.register_forward_hook(self._end_hook))
         except BaseException:
             self._unregister()
             raise
@@ -222,7 +228,8 @@ class Probe:
         """Remove the measuring hooks; values recorded so far wait for the snapshot."""
         while self._handles:
             self._handles.pop().remove()
-        self._bn_before.clear()
+        self._in_forward = False
+        self._bn_start = None
         self._shortcut_norms.clear()
         self._block_sums.clear()
         self._out_sq = None
@@ -235,7 +242,7 @@ class Probe:
         self._store.clear()
         self._cols.clear()
         self._sums.filled()
-        self._bn_pending.clear()
+        self._bn_forwards.clear()
         self._scratch.clear()
 
     def _remove_order_hooks(self) -> None:
@@ -274,33 +281,53 @@ class Probe:
                 self._order.append(name)
         return hook
 
-    def _bn_pre_hook(self, name: str):
-        def hook(module, args):
-            if self._recording() and module.training and module.running_var is not None:
-                self._bn_before[name] = module.running_var.detach().clone()
+    def _running_vars(self) -> torch.Tensor | None:
+        try:
+            return torch.cat([m.running_var for _, m in self._bn_all])
+        except (RuntimeError, TypeError):  # BatchNorms on several devices, a removed buffer
             return None
-        return hook
+
+    def _start_hook(self, module, args):
+        if self._recording():
+            self._in_forward = True
+            self._bn_run = {}
+            self._bn_start = self._running_vars()
+        return None
+
+    def _end_hook(self, module, args, out):
+        if not self._in_forward:
+            return None
+        self._in_forward = False
+        run = {n: c for n, c in self._bn_run.items() if c > 0}
+        if self._bn_start is not None and run:
+            end = self._running_vars()
+            if end is not None:
+                for n in run:  # this forward's values replace earlier ones
+                    self._drop_bn(n)
+                self._bn_forwards.append((self._bn_start, end, run))
+        self._bn_start = None
+        return None
+
+    def _drop_bn(self, name: str) -> None:
+        self._store.pop((name, "response_std"), None)
+        for _, _, run in self._bn_forwards:
+            run.pop(name, None)
 
     def _response_hook(self, name: str):
-        store = self._store
-
         def hook(module, args, out):
             if not self._recording() or not isinstance(out, torch.Tensor):
                 return None
-            before = self._bn_before.pop(name, None)
-            if before is not None and module.training and module.momentum is not None:
-                # Exact, from C-vectors, for all BatchNorms at once in snapshot(); the running
-                # variance is copied now, so forwards before the snapshot cannot change it.
-                self._bn_pending[name] = (module, before, module.running_var.detach().clone(),
-                                          out.numel() // out.shape[1])
+            if (self._in_forward and self._bn_start is not None and name in self._bn_index
+                    and module.training and module.momentum is not None
+                    and name not in self._bn_run):
+                self._bn_run[name] = out.numel() // out.shape[1]  # elements per channel
             else:
-                var = None
-                if before is not None and module.training:
-                    count = out.numel() // out.shape[1]
-                    var = M.bn_batch_var(module, before, count)
-                store[(name, "response_std")] = (M.bn_response_std(module, var, count)
-                                                 if var is not None
-                                                 else M.response_std(out.detach()))
+                # Not inside a recorded forward of the model, a second call within one, eval
+                # mode, another BatchNorm class or the final Linear: one pass over the output.
+                if name in self._bn_run:
+                    self._bn_run[name] = -1
+                self._drop_bn(name)
+                self._put((name, "response_std"), M.response_std(out.detach()))
             if out.requires_grad:
                 def grad_hook(g):
                     # The kernels only read memory: no detach() (a new tensor object) needed.
@@ -376,21 +403,33 @@ class Probe:
         return hook
 
     def _settle_all_bn(self) -> tuple[list[str], torch.Tensor] | None:
-        """response_std of every pending BatchNorm in one vectorized computation."""
-        if not self._bn_pending:
-            return None
-        for name in self._bn_pending:
-            self._store.pop((name, "response_std"), None)  # a later forward's value wins
-        names = list(self._bn_pending)
-        entries = [self._bn_pending[n] for n in names]
-        self._bn_pending.clear()
-        layout = tuple((m.running_var.numel(), count, float(m.momentum), float(m.eps),
-                        m.running_var.device) for m, _, _, count in entries)
-        if self._bn_consts is None or self._bn_consts[0] != layout:
-            self._bn_consts = (layout, M.BNConstants.build(layout))
-        stds = M.bn_response_stds([m for m, *_ in entries], [b for _, b, _, _ in entries],
-                                  [a for _, _, a, _ in entries], self._bn_consts[1])
-        return names, stds
+        """response_std of every BatchNorm recorded from running variances, vectorized."""
+        forwards = [f for f in self._bn_forwards if f[2]]
+        self._bn_forwards.clear()
+        names: list[str] = []
+        parts: list[torch.Tensor] = []
+        for start, end, run in forwards:
+            key = tuple(run.items())
+            consts = self._bn_consts.get(key)
+            if consts is None:
+                if len(self._bn_consts) > 16:
+                    self._bn_consts.clear()
+                mods = [self._bn_all[self._bn_index[n]][1] for n in run]
+                layout = tuple((m.running_var.numel(), count, float(m.momentum), float(m.eps),
+                                m.running_var.device) for m, count in zip(mods, run.values(),
+                                                                          strict=True))
+                offsets = [0]
+                for _, m in self._bn_all:
+                    offsets.append(offsets[-1] + m.running_var.numel())
+                channels = [c for n in run for c in range(offsets[self._bn_index[n]],
+                                                          offsets[self._bn_index[n] + 1])]
+                whole = len(run) == len(self._bn_all) and list(run) == list(self._bn_index)
+                consts = self._bn_consts[key] = M.BNConstants.build(
+                    layout, None if whole else channels)
+            mods = [self._bn_all[self._bn_index[n]][1] for n in run]
+            parts.append(M.bn_response_stds(mods, start, end, consts))
+            names += list(run)
+        return (names, torch.cat(parts)) if parts else None
 
     def _settle_sums(self) -> list[tuple[list[str], str, torch.Tensor]]:
         """Every metric whose per-sample sums the kernels wrote this step, a few vectorized ops
@@ -458,6 +497,7 @@ class Probe:
         """
         self._freeze_depths()
         self._out_sq = None
+        self._in_forward = False
         layers: list[str] = []
         metrics: list[str] = []
         parts: list[torch.Tensor] = []
