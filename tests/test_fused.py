@@ -312,3 +312,33 @@ def test_sums_are_written_into_a_table_that_grows_and_keeps_its_columns() -> Non
     for out in bad.values():
         with pytest.raises(ValueError, match="unit column stride"):
             kernels("gap", xs[0], xs[1], out=out)
+
+
+def test_sq_list_matches_float64_and_refuses_what_it_cannot_read() -> None:
+    g = torch.Generator().manual_seed(7)
+    ts = [torch.randn(s, generator=g) for s in [(16, 3, 3, 3), (16,), (1,), (10, 64), (33,)]]
+    ts.append(torch.randn(8, 4, 3, 3, generator=g).contiguous(memory_format=torch.channels_last))
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = [t.to(dtype) for t in ts]
+        got = kernels.sq_list(xs)
+        want = torch.stack([t.double().square().sum() for t in xs])
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    assert kernels.sq_list([ts[0], ts[1].bfloat16()]) is None  # one dtype per call
+    assert kernels.sq_list([ts[0], ts[0][:, ::2]]) is None  # not dense
+    assert kernels.sq_list([]) is None
+
+
+@pytest.mark.parametrize("fused_on", [True, False], ids=["kernels", "eager"])
+def test_parameter_norms_count_a_missing_gradient_as_zero(fused_on: bool) -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet8", in_channels=1, num_classes=10)
+    model.layer1[0].conv1.weight.requires_grad_(False)  # frozen: its .grad stays None
+    with Probe(model, fused=fused_on) as probe:
+        F.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.arange(4)).backward()
+        frame = probe.collect().set_index(["layer", "metric"])["value"]
+    assert frame[("layer1.0.conv1", "grad_norm")] == 0.0
+    w = model.layer1[0].conv1.weight.double().norm().item()
+    assert math.isclose(frame[("layer1.0.conv1", "weight_norm")], w, rel_tol=1e-6)
+    bn = model.layer1[0].bn1
+    want = torch.cat([bn.weight.grad, bn.bias.grad]).double().norm().item()
+    assert math.isclose(frame[("layer1.0.bn1", "grad_norm")], want, rel_tol=1e-6)

@@ -173,6 +173,12 @@ class Kernels:
                                                ctypes.c_int]
                                 fn.restype = None
                                 fns[(name, dtype)] = fn
+                        for dtype, suffix in _SUFFIX.items():
+                            fn = getattr(lib, f"gl_sqlist_{suffix}")
+                            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                           ctypes.c_void_p, ctypes.c_int]
+                            fn.restype = None
+                            fns[("sqlist", dtype)] = fn
                         self._fns = fns
                     except Exception as e:  # noqa: BLE001 - any build failure means: eager
                         self.failed = f"{type(e).__name__}: {str(e).strip()[:300]}"
@@ -187,6 +193,24 @@ class Kernels:
     def fn(self, name: str, dtype: torch.dtype):
         """The C function of kernel ``name`` for ``dtype`` (None if the build failed)."""
         return self._fns[(name, dtype)] if self.load() else None
+
+    def sq_list(self, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        """``||t||^2`` of each tensor (float64, shape (len,)) in one call, or None when the
+        kernels cannot take them all (one dtype, float32/bf16, dense, CPU; not traced)."""
+        if not tensors or torch.compiler.is_compiling():
+            return None
+        dtype = tensors[0].dtype
+        if not all(t.dtype == dtype and dense_per_sample(t) for t in tensors):
+            return None
+        fn = self.fn("sqlist", dtype)
+        if fn is None:
+            return None
+        count = len(tensors)
+        ptrs = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+        sizes = (ctypes.c_int64 * count)(*[t.numel() for t in tensors])
+        out = torch.empty(count, dtype=torch.float64)
+        fn(ptrs, sizes, count, out.data_ptr(), torch.get_num_threads())
+        return out
 
     def usable(self, *tensors: torch.Tensor) -> bool:
         """Whether the kernels can reduce these tensors (same shape, strides and dtype; dense

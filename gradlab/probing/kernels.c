@@ -160,3 +160,23 @@ EXPORT(sq, SQ)
 EXPORT(pair, PAIR)
 EXPORT(gap, GAP)
 EXPORT(addrelu, ADDRELU)
+
+/* ||t_i||^2 of `count` dense tensors at once (a model's parameters or their gradients): the
+ * tensors are spread over the threads, each summed like one sample of gl_sq. */
+#define EXPORT_LIST(SUFFIX, BF)                                                              \
+    void gl_sqlist_##SUFFIX(const void *const *ptrs, const int64_t *sizes, int64_t count,    \
+                            double *out, int threads) {                                      \
+        (void)threads; /* used by OpenMP builds only */                                      \
+        SQLIST_PARALLEL                                                                      \
+        for (int64_t i = 0; i < count; i++)                                                  \
+            reduce(SQ, BF, ptrs[i], 0, 1, sizes[i], out + i, 1, 1);                          \
+    }
+
+#ifdef _OPENMP
+#define SQLIST_PARALLEL _Pragma("omp parallel for schedule(dynamic, 4) num_threads(threads)")
+#else
+#define SQLIST_PARALLEL
+#endif
+
+EXPORT_LIST(f32, 0)
+EXPORT_LIST(bf16, 1)

@@ -510,10 +510,10 @@ class Probe:
                 self._owner = torch.tensor(owner, device=device)
             n = len(self._param_modules)
             with torch.no_grad():
-                g = M.module_norms([p.grad for p in params], self._owner, n)
+                g = self._module_norms([p.grad for p in params], n)
                 if grad_scale is not None:
                     g = g / grad_scale
-                w = M.module_norms([p.detach() for p in params], self._owner, n)
+                w = self._module_norms([p.detach() for p in params], n)
             names = [name for name, _ in self._param_modules]
             parts += [g.float(), w.float()]
             layers += names + names
@@ -551,6 +551,18 @@ class Probe:
             values = torch.zeros(0)
         depths = [self._depth[n] for n in layers]
         return PendingFrame(values, layers, depths, metrics)
+
+    def _module_norms(self, tensors: list[torch.Tensor | None], n: int) -> torch.Tensor:
+        """Per-module L2 norms of the parameters (or gradients; None counts as zero): one C call
+        on CPU, one ``_foreach_norm`` elsewhere."""
+        present = [t for t in tensors if t is not None]
+        sq = _kernels.sq_list(present) if self.fused is not False else None
+        if sq is None:
+            return M.module_norms(tensors, self._owner, n)
+        if len(present) < len(tensors):
+            where = torch.tensor([i for i, t in enumerate(tensors) if t is not None])
+            sq = torch.zeros(len(tensors), dtype=torch.float64).index_copy_(0, where, sq)
+        return torch.zeros(n, dtype=torch.float64).index_add_(0, self._owner, sq).sqrt().float()
 
     def collect(self, *, grad_scale: float | torch.Tensor | None = None) -> pd.DataFrame:
         """This step's measurements as a DataFrame ``layer, depth, metric, value``."""
