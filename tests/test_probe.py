@@ -727,3 +727,43 @@ def test_bn_response_std_when_batchnorms_run_twice_not_at_all_or_on_their_own() 
         assert math.isclose(got["once"], seen["once"].item(), rel_tol=1e-5)
     for h in handles:
         h.remove()
+
+
+def test_values_after_a_failed_forward_and_after_many_forwards_without_a_snapshot(batch) -> None:
+    """A forward that raises leaves no state behind; forwards repeated without a snapshot keep
+    the probe's memory bounded and the last one's values; a BatchNorm's momentum changed
+    between steps is read afresh."""
+    x, y = batch
+    model = build("resnet20").train()
+    twin = copy.deepcopy(model)
+    boom = model.layer2[1].register_forward_hook(
+        lambda m, a, o: (_ for _ in ()).throw(RuntimeError("boom")))
+    with Probe(model) as probe:
+        with pytest.raises(RuntimeError, match="boom"):
+            model(x)
+        boom.remove()
+        for _ in range(40):
+            model(x)  # recorded, never backpropagated: each replaces the last
+        assert probe._sums.used < 600 and len(probe._bn_forwards) == 1
+        step(model, x, y)
+        got = probe.collect()
+    with Probe(twin) as probe:
+        twin(x)
+        for _ in range(40):
+            twin(x)
+        step(twin, x, y)
+        want = probe.collect()
+    pd.testing.assert_frame_equal(got.sort_values(["layer", "metric"]).reset_index(drop=True),
+                                  want.sort_values(["layer", "metric"]).reset_index(drop=True),
+                                  rtol=1e-5)
+    seen = {}
+    handle = model.bn1.register_forward_hook(
+        lambda m, a, o: seen.__setitem__("s", o.detach().double().std()))
+    with Probe(model) as probe:
+        for momentum in (0.1, 0.7):  # the same probe, a changed BatchNorm
+            model.bn1.momentum = momentum
+            model.zero_grad(set_to_none=True)
+            step(model, x, y)
+            assert math.isclose(rows(probe.collect(), "response_std")["bn1"], seen["s"].item(),
+                                rel_tol=1e-5)
+    handle.remove()

@@ -12,9 +12,10 @@ The kernels (``K`` per-sample sums each, returned as a float64 tensor of shape `
 - ``sq(x)``: ||x||^2.
 - ``pair(f, s)``: ||f||^2, ||s||^2, <f, s>, ||max(f, -s)||^2 (= ||relu(f + s) - s||^2).
 - ``gap(h, x)``: ||h - x||^2, ||x||^2.
-- ``addrelu(f, t)`` for a block whose output is relu(t), t = f + s: ||f||^2, ||t||^2,
-  ||relu(t)||^2 (the next block's ||x||^2) and ||f - min(t, 0)||^2 = ||relu(t) - s||^2. Both
-  operands are the tensors the block has just computed, still in cache; s is not read again.
+- ``addrelu(f, t)`` for a block whose output is relu(t), t = f + s: ||f||^2, <f, t>
+  (<f, s> = <f, t> - ||f||^2), ||relu(t)||^2 (the next block's ||x||^2) and
+  ||f - min(t, 0)||^2 = ||relu(t) - s||^2. Both operands are the tensors the block has just
+  computed, still in cache; s is not read again.
 
 When: CPU tensors of float32 or bfloat16 laid out densely per sample (NCHW- or
 channels_last-contiguous), not while ``torch.compile`` traces the model (Inductor fuses the
@@ -65,8 +66,8 @@ def dense_per_sample(t: torch.Tensor) -> bool:
     """Whether ``t`` is a non-empty float32/bf16 CPU tensor whose samples are contiguous ranges
     of its memory (NCHW- or channels_last-contiguous), as the kernels require."""
     if (t.dtype not in _SUFFIX or not t.is_cpu or t.ndim == 0 or t.numel() == 0
-            or t.is_neg()):
-        return False
+            or t.is_neg() or t._is_zerotensor() or t.data_ptr() == 0):
+        return False  # (a ZeroTensor has no memory behind it)
     if t.is_contiguous():
         return True
     if t.ndim == 4:
@@ -85,21 +86,28 @@ def _cache_dir() -> Path:
         probe.unlink()
         return base
     except OSError:
-        user = os.getuid() if hasattr(os, "getuid") else "user"
-        fallback = Path(tempfile.gettempdir()) / f"gradlab-{user}"
-        fallback.mkdir(parents=True, exist_ok=True)
+        # A shared temporary directory: only a private folder of our own will do, since the
+        # library found there is loaded into the process.
+        uid = os.getuid() if hasattr(os, "getuid") else None
+        fallback = Path(tempfile.gettempdir()) / f"gradlab-{uid if uid is not None else 'user'}"
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        st = fallback.stat()
+        if (uid is not None and st.st_uid != uid) or st.st_mode & 0o022:
+            raise RuntimeError(f"{fallback} is not a private directory of this user; set "
+                               "GRADLAB_CACHE_DIR") from None
         return fallback
 
 
-def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
+def _cpu_identity() -> str | None:
+    """What -march=native depends on: the CPU model and its feature flags (Linux), else None
+    (then the kernels are built for the architecture's baseline, not this CPU)."""
     try:
         with open("/proc/cpuinfo") as fh:
             lines = [ln for ln in fh.read().splitlines()
                      if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "\n".join(dict.fromkeys(lines))
     except OSError:
-        return platform.processor() or platform.machine()
+        return None
+    return "\n".join(dict.fromkeys(lines)) or None
 
 
 def _compiler() -> str | None:
@@ -118,8 +126,12 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
+    cpu = _cpu_identity()
+    # -march=native only where the library's cache key can name the CPU it was built for.
+    flag_sets = _FLAG_SETS if cpu else [f for f in _FLAG_SETS if "-march=native" not in f]
     key = hashlib.sha256("\0".join(
-        [source, cc, _cpu_identity(), platform.machine(), sys.platform]).encode()).hexdigest()
+        [source, cc, cpu or "", repr(flag_sets), platform.machine(), sys.platform,
+         " ".join(platform.libc_ver())]).encode()).hexdigest()
     cache = _cache_dir()
     lib_path = cache / f"probe-kernels-{key[:20]}.so"
     if lib_path.exists():
@@ -131,7 +143,7 @@ def _build() -> ctypes.CDLL:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src = Path(tmp) / "kernels.c"
         src.write_text(source)
-        for flags in _FLAG_SETS:
+        for flags in flag_sets:
             out = Path(tmp) / f"kernels{len(errors)}.so"
             try:
                 proc = subprocess.run([cc, *flags, "-shared", "-fPIC", str(src), "-o", str(out)],
@@ -215,7 +227,7 @@ class Kernels:
     def usable(self, *tensors: torch.Tensor) -> bool:
         """Whether the kernels can reduce these tensors (same shape, strides and dtype; dense
         per sample; CPU; not inside a ``torch.compile`` trace) and are built."""
-        if torch.compiler.is_compiling() or not _layout_ok(tensors):
+        if not tensors or torch.compiler.is_compiling() or not _layout_ok(tensors):
             return False
         return self.load()
 
@@ -291,7 +303,8 @@ class SumTable:
 
         The probe's hot path: one layout check, no tensor created, one C call.
         """
-        if torch.compiler.is_compiling() or not _layout_ok(tensors):
+        if (len(tensors) != (1 if name == "sq" else 2) or torch.compiler.is_compiling()
+                or not _layout_ok(tensors)):
             return None
         a = tensors[0]
         fn = kernels.fn(name, a.dtype)
@@ -307,6 +320,13 @@ class SumTable:
            a.numel() // n, table.data_ptr() + 8 * col, table.stride(0), torch.get_num_threads())
         return col
 
+    def keep(self, columns: list[int]) -> dict[int, int]:
+        """Move these columns (ascending) to the front and free the rest: old -> new index."""
+        if columns:
+            self.table[:, : len(columns)] = self.table[:, columns]
+        self.used = len(columns)
+        return {c: i for i, c in enumerate(columns)}
+
     def filled(self) -> torch.Tensor:
         """This step's columns; the next :meth:`take` starts a new step."""
         out = self.table[:, : self.used]
@@ -321,7 +341,7 @@ def _layout_ok(tensors: tuple[torch.Tensor, ...]) -> bool:
     if len(tensors) == 1:
         return True
     second = tensors[1]  # the kernels take at most two
-    return (len(tensors) == 2 and second.dtype == first.dtype and second.is_cpu
+    return (len(tensors) == 2 and dense_per_sample(second) and second.dtype == first.dtype
             and second.shape == first.shape and second.stride() == first.stride())
 
 

@@ -3,14 +3,15 @@
  * Built once per machine by gradlab.probing.fused with the system C compiler and loaded with
  * ctypes. Every kernel reads n samples of `per` contiguous elements (sample i is the range
  * [i*per, (i+1)*per): an NCHW- or channels_last-contiguous tensor) and writes K double sums per
- * sample to out[i*ld + k] (ld >= K: a slice of the probe's per-step table of sums). Two element types: float32 (suffix _f32) and bfloat16 (_bf16, widened
- * to float exactly by a 16-bit shift, so no float32 copy of the tensor is ever made).
+ * sample to out[i*ld + k] (ld >= K: a slice of the probe's per-step table of sums). Two
+ * element types: float32 (suffix _f32) and bfloat16 (_bf16, widened to float exactly by a
+ * 16-bit shift, so no float32 copy of the tensor is ever made).
  *
  * Accuracy: products are formed in float (exact for bf16 inputs, rounded once for float32) and
  * summed in float SIMD lanes over chunks of CHUNK vectors (at most 2*CHUNK terms per lane), then
  * the chunks are added in double. The relative error of a sum of squares is about 1e-7 whatever
- * the tensor size, so differences of sums (the probe's <F, s> = (||T||^2 - ||F||^2 - ||s||^2)/2)
- * stay accurate.
+ * the tensor size, so differences of sums (the probe's <F, s> = <F, t> - ||F||^2) stay
+ * accurate.
  *
  * Portable C with GCC/Clang vector extensions: the compiler maps them onto whatever SIMD the
  * machine has (AVX-512, AVX2, NEON). OpenMP splits the samples across threads when it is enabled
@@ -72,9 +73,9 @@ static inline void vterms(int kind, vf a, vf b, vf *acc) {
         acc[0] += d * d; acc[1] += b * b;
         break;
     }
-    case ADDRELU: { /* ||f||^2, ||t||^2, ||relu(t)||^2, ||f - min(t, 0)||^2 */
+    case ADDRELU: { /* ||f||^2, <f, t>, ||relu(t)||^2, ||f - min(t, 0)||^2 */
         vf h = vselect(b > zero, b, zero), d = a - vselect(b < zero, b, zero);
-        acc[0] += a * a; acc[1] += b * b; acc[2] += h * h; acc[3] += d * d;
+        acc[0] += a * a; acc[1] += a * b; acc[2] += h * h; acc[3] += d * d;
         break;
     }
     }
@@ -98,7 +99,7 @@ static inline void sterms(int kind, double a, double b, double *s) {
     }
     case ADDRELU: {
         double h = b > 0 ? b : 0, d = a - (b < 0 ? b : 0);
-        s[0] += a * a; s[1] += b * b; s[2] += h * h; s[3] += d * d;
+        s[0] += a * a; s[1] += a * b; s[2] += h * h; s[3] += d * d;
         break;
     }
     }
@@ -137,7 +138,8 @@ reduce(int kind, int bf, const void *a, const void *b, int64_t n, int64_t per, d
             for (int k = 0; k < K; k++) total[k] += __builtin_convertvector(acc0[k] + acc1[k], vd);
         }
         double s[4] = {0, 0, 0, 0};
-        for (; j < per; j++) sterms(kind, sload(a, o + j, bf), kind == SQ ? 0 : sload(b, o + j, bf), s);
+        for (; j < per; j++)
+            sterms(kind, sload(a, o + j, bf), kind == SQ ? 0 : sload(b, o + j, bf), s);
         for (int k = 0; k < K; k++) {
             double t = s[k];
             for (int l = 0; l < W; l++) t += total[k][l];

@@ -140,12 +140,16 @@ def residual_stats(f: torch.Tensor, s: torch.Tensor, total: torch.Tensor,
                    ns: torch.Tensor | None = None) -> torch.Tensor:
     """``[residual_ratio, residual_cosine]`` of one residual sum ``total = f + s``.
 
+    ``<f, s> = <f, total> - ||f||^2``: from the sum the block computed anyway, so s is read once
+    (for its norm); total's rounding enters only as ``<f, d total>``, small next to
+    ``||f|| ||s||`` even when f is (a difference of squared norms would carry ``||total||^2``).
     ``ns``: per-sample norms of s when already known (see :func:`sample_norms`).
     """
-    nf, nt = _sample_norms(f), _sample_norms(total)
+    nf = _sample_norms(f)
     if ns is None:
         ns = _sample_norms(s)
-    return torch.stack(_ratio_cosine(nf, ns, (nt.square() - nf.square() - ns.square()) * 0.5))
+    ft = (_f32(f) * _f32(total)).sum(dim=tuple(range(1, f.ndim)))
+    return torch.stack(_ratio_cosine(nf, ns, ft - nf.square()))
 
 
 def ratio_cosine(ff: torch.Tensor, ss: torch.Tensor, dot: torch.Tensor

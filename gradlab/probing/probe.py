@@ -121,7 +121,8 @@ class Probe:
         # per-sample sums as column indices into _sums (derived all at once in snapshot()).
         # A key lives in one of the two; a later forward replaces an earlier one's value.
         self._store: dict[tuple[str, str], torch.Tensor] = {}
-        self._cols: dict[tuple[str, str], tuple] = {}
+        self._cols: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._dot_from_t: set[str] = set()  # blocks whose third column is <F, t>, not <F, s>
         self._sums = SumTable()
         # Per-sample shortcut norms awaiting the block's hook (eager path).
         self._shortcut_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -210,16 +211,17 @@ class Probe:
         if self._handles:
             return
         try:
-            if self._bn_all:
-                self._handles.append(self.model.register_forward_pre_hook(self._start_hook))
+            self._handles.append(self.model.register_forward_pre_hook(self._start_hook))
             for name, mod in self._response_modules:
                 self._handles.append(mod.register_forward_hook(self._response_hook(name)))
             for block, mod in self._adds:
                 self._handles.append(mod.register_forward_hook(self._add_hook(block)))
             for name, mod in self._blocks:
                 self._handles.append(mod.register_forward_hook(self._block_hook(name)))
-            if self._bn_all:  # registered last: runs after every hook of the model's modules
-                self._handles.append(self.model.register_forward_hook(self._end_hook))
+            # Registered last: runs after every other hook of the model, also when its forward
+            # raises (then it only closes the forward).
+            self._handles.append(self.model.register_forward_hook(self._end_hook,
+                                                                  always_call=True))
         except BaseException:
             self._unregister()
             raise
@@ -288,10 +290,15 @@ class Probe:
             return None
 
     def _start_hook(self, module, args):
-        if self._recording():
-            self._in_forward = True
-            self._bn_run = {}
-            self._bn_start = self._running_vars()
+        # Per-forward state starts afresh, whatever an earlier (maybe failed) forward left.
+        self._in_forward = self._recording()
+        self._bn_run = {}
+        self._block_sums.clear()
+        self._shortcut_norms.clear()
+        self._out_sq = None
+        self._bn_start = self._running_vars() if self._in_forward and self._bn_all else None
+        if self._in_forward:
+            self._compact()
         return None
 
     def _end_hook(self, module, args, out):
@@ -299,7 +306,7 @@ class Probe:
             return None
         self._in_forward = False
         run = {n: c for n, c in self._bn_run.items() if c > 0}
-        if self._bn_start is not None and run:
+        if self._bn_start is not None and run and out is not None:
             end = self._running_vars()
             if end is not None:
                 for n in run:  # this forward's values replace earlier ones
@@ -312,6 +319,16 @@ class Probe:
         self._store.pop((name, "response_std"), None)
         for _, _, run in self._bn_forwards:
             run.pop(name, None)
+        self._bn_forwards = [f for f in self._bn_forwards if f[2]]
+
+    def _compact(self) -> None:
+        """Keep the table of sums bounded when forwards repeat without a snapshot (each one's
+        values replace the last's): move the columns still referenced to the front."""
+        live = sorted({c for cols in self._cols.values() for c in cols})
+        if self._sums.used <= 2 * len(live) + 256:
+            return
+        where = self._sums.keep(live)
+        self._cols = {k: tuple(where[c] for c in cols) for k, cols in self._cols.items()}
 
     def _response_hook(self, name: str):
         def hook(module, args, out):
@@ -344,6 +361,7 @@ class Probe:
         def hook(module, args, out):
             if not self._recording() or len(args) != 2:
                 return None
+            self._block_sums.pop(block, None)
             f, s = args
             if not all(isinstance(a, torch.Tensor) for a in (f, s, out)):
                 return None
@@ -351,20 +369,22 @@ class Probe:
             if block in self._relu_blocks:
                 # One pass over F and t = F + s, both just computed. ||s||^2 comes from the
                 # previous block's pass when s is its output (identity shortcut), else from one
-                # pass over s; <F, s> = (||t||^2 - ||F||^2 - ||s||^2) / 2, as in the eager path,
-                # from sums accumulated in float64.
+                # pass over s; <F, s> = <F, t> - ||F||^2, as in the eager path: t's rounding
+                # (bf16) then enters only as <F, dt>, small next to ||F|| ||s|| also when F is.
                 ss = self._known_sq(s)
                 if ss is None:
                     ss = self._run("sq", s)
                 col = self._run("addrelu", f, t) if ss is not None else None
-                if col is not None:  # columns ||F||^2, ||t||^2, ||relu t||^2, ||relu t - s||^2
-                    self._put_cols((block, "residual_stats"), (col, ss, col + 1, True))
+                if col is not None:  # columns ||F||^2, <F, t>, ||relu t||^2, ||relu t - s||^2
+                    self._put_cols((block, "residual_stats"), (col, ss, col + 1))
+                    self._dot_from_t.add(block)
                     self._block_sums[block] = (_tensor_key(s), col + 3, ss, col + 2)
                     return None
             else:
                 col = self._run("pair", f, s)
                 if col is not None:  # columns ||F||^2, ||s||^2, <F, s>, (unused)
-                    self._put_cols((block, "residual_stats"), (col, col + 1, col + 2, False))
+                    self._put_cols((block, "residual_stats"), (col, col + 1, col + 2))
+                    self._dot_from_t.discard(block)
                     return None
             f, s, t = f.detach(), s.detach(), t.detach()
             ns = M.sample_norms(s)
@@ -409,15 +429,16 @@ class Probe:
         names: list[str] = []
         parts: list[torch.Tensor] = []
         for start, end, run in forwards:
-            key = tuple(run.items())
+            mods = [self._bn_all[self._bn_index[n]][1] for n in run]
+            # Momentum, eps, sizes and device are read every time: a user may change them.
+            layout = tuple((m.running_var.numel(), count, float(m.momentum), float(m.eps),
+                            m.running_var.device) for m, count in zip(mods, run.values(),
+                                                                      strict=True))
+            key = (tuple(run), layout)
             consts = self._bn_consts.get(key)
             if consts is None:
                 if len(self._bn_consts) > 16:
                     self._bn_consts.clear()
-                mods = [self._bn_all[self._bn_index[n]][1] for n in run]
-                layout = tuple((m.running_var.numel(), count, float(m.momentum), float(m.eps),
-                                m.running_var.device) for m, count in zip(mods, run.values(),
-                                                                          strict=True))
                 offsets = [0]
                 for _, m in self._bn_all:
                     offsets.append(offsets[-1] + m.running_var.numel())
@@ -426,7 +447,6 @@ class Probe:
                 whole = len(run) == len(self._bn_all) and list(run) == list(self._bn_index)
                 consts = self._bn_consts[key] = M.BNConstants.build(
                     layout, None if whole else channels)
-            mods = [self._bn_all[self._bn_index[n]][1] for n in run]
             parts.append(M.bn_response_stds(mods, start, end, consts))
             names += list(run)
         return (names, torch.cat(parts)) if parts else None
@@ -451,8 +471,8 @@ class Probe:
         res = [e for e in items if e[0][1] == "residual_stats"]
         if res:
             ff, ss, third = pick(res, 0), pick(res, 1), pick(res, 2)
-            diff = torch.tensor([c[3] for _, c in res])
-            dot = torch.where(diff, (third - ff - ss) * 0.5, third)
+            diff = torch.tensor([k[0] in self._dot_from_t for k, _ in res])
+            dot = torch.where(diff, third - ff, third)  # <F, t> - ||F||^2, or <F, s>
             ratio, cosine = M.ratio_cosine(ff, ss, dot)
             names = [k[0] for k, _ in res]
             groups += [(names, "residual_ratio", ratio), (names, "residual_cosine", cosine)]
@@ -498,6 +518,8 @@ class Probe:
         self._freeze_depths()
         self._out_sq = None
         self._in_forward = False
+        self._block_sums.clear()
+        self._shortcut_norms.clear()
         layers: list[str] = []
         metrics: list[str] = []
         parts: list[torch.Tensor] = []
