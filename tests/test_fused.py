@@ -144,6 +144,18 @@ def test_build_is_cached_per_cpu_and_failure_falls_back_once(tmp_path, monkeypat
     assert Kernels().load(required=True)
     assert len(list(tmp_path.glob("probe-kernels-*.so"))) == 2
 
+    # A compiler without OpenMP or -march=native: the baseline build, same sums.
+    monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path / "plain"))
+    monkeypatch.setattr(fused, "_FLAG_SETS", (("-O3", "-fno-openmp"), ("-O3",)))
+    plain = Kernels()
+    assert plain.load(required=True)
+    monkeypatch.setattr(fused, "kernels", plain)
+    x = torch.randn(8, 5, 7, 7).bfloat16()
+    table = SumTable()
+    col = table.run("addrelu", x, x * 2)
+    torch.testing.assert_close(table.filled()[:, col: col + 4].T, reference("addrelu", x, x * 2),
+                               rtol=2e-6, atol=0)
+
     # No compiler: one warning, then the eager formulas; fused=True refuses to attach.
     monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path / "other"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -117,6 +117,7 @@ static inline __attribute__((always_inline)) void
 reduce(int kind, int bf, const void *a, const void *b, int64_t n, int64_t per, double *out,
        int64_t ld, int threads) {
     const int K = nsums(kind);
+    (void)threads; /* used by OpenMP builds only */
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (n > 1 && n * per >= 32768)
 #endif
