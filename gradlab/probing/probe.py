@@ -116,6 +116,7 @@ class Probe:
         self.keep_hooks = keep_hooks
         self._attached = False
         self._handles: list = []
+        self._hooks: list[tuple[nn.Module, object]] | None = None
         self._order_handles: list = []
         # This step's values, keyed (module, metric): eager 0-d tensors in _store; the C kernels'
         # per-sample sums as column indices into _sums (derived all at once in snapshot()).
@@ -210,14 +211,14 @@ class Probe:
     def _register(self) -> None:
         if self._handles:
             return
+        if self._hooks is None:  # built once: re-registering on each logged step allocates little
+            self._hooks = ([(m, self._response_hook(n)) for n, m in self._response_modules]
+                           + [(m, self._add_hook(b)) for b, m in self._adds]
+                           + [(m, self._block_hook(n)) for n, m in self._blocks])
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._start_hook))
-            for name, mod in self._response_modules:
-                self._handles.append(mod.register_forward_hook(self._response_hook(name)))
-            for block, mod in self._adds:
-                self._handles.append(mod.register_forward_hook(self._add_hook(block)))
-            for name, mod in self._blocks:
-                self._handles.append(mod.register_forward_hook(self._block_hook(name)))
+            for mod, hook in self._hooks:
+                self._handles.append(mod.register_forward_hook(hook))
             # Registered last: runs after every other hook of the model, also when its forward
             # raises (then it only closes the forward).
             self._handles.append(self.model.register_forward_hook(self._end_hook,
