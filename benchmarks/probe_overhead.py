@@ -15,8 +15,10 @@ times); the estimate is the median over windows with a 95% bootstrap interval, a
 ratio (all steps of the mode over all unprobed steps) is printed beside it.
 
 Fairness details: unprobed steps run with every probe hook removed (checked, not assumed), and
-so do the unlogged steps of the probed modes (a disabled probe holds no hooks); each mode keeps
-its own step counter; and a logged step waits, inside its timed region, until the background
+so do the unlogged steps of the probed modes (a disabled probe holds no hooks); before each
+probed step the hooks are put back as that mode's previous step left them (registered after a
+logged step), so registering and removing them is timed exactly where a run pays it; each mode
+keeps its own step counter; and a logged step waits, inside its timed region, until the background
 writer has consumed its rows (Parquet rows buffered, TensorBoard events serialized), so writer
 work is charged to the step that caused it instead of spilling into a neighbour on a machine
 with few cores.
@@ -92,7 +94,10 @@ def measure(model: str, batch: int, everies: list[int], windows: int,
                 if hook_count(tr.model):
                     raise RuntimeError("hooks left on the model of the unprobed loop")
             else:
+                # Hooks as a run of this mode would have them now: registered if its previous
+                # step was logged (a run keeps them across consecutive logged steps).
                 tr.probe.attach()
+                tr.probe.enabled = count[every] % every == 1 % every
             logged = every is not None and count[every] % every == 0
             count[every] += 1
             if device.type == "cuda":
