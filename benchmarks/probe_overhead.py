@@ -7,8 +7,9 @@ the logged rows handed to the same background writer (Parquet + TensorBoard) a r
 
 Design. Machine speed on a shared VM drifts by 10-20% within minutes, far more than the effect
 measured, so the modes (unprobed, every N1, every N2, ...) are interleaved one *step* at a time:
-a round is one step of each mode, in an order that rotates from round to round, so neighbouring
-steps of different modes are under the same conditions. Rounds are grouped in windows of
+a round is one step of each mode, the rounds cycling through every order of the modes (so each
+mode follows each other equally often), and neighbouring steps of different modes run under the
+same conditions. Rounds are grouped in windows of
 max(N) rounds; in each window a mode "every N" logs exactly max(N)/N of its steps, as in a real
 run. Per window and mode the ratio is (sum of the mode's step times) / (sum of the unprobed step
 times); the estimate is the median over windows with a 95% bootstrap interval, and the pooled
@@ -33,6 +34,7 @@ with few cores.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import tempfile
@@ -117,13 +119,16 @@ def measure(model: str, batch: int, everies: list[int], windows: int,
                 run_step(m)
         for m in everies:
             count[m] = 0
+        # Rounds cycle through every order of the modes, so each mode follows each other mode
+        # equally often: a step right after a logged one (caches, allocator, writer) may run
+        # slower, and a fixed or rotating order would charge that to some modes more than others.
+        orders = list(itertools.permutations(modes))
         times: dict[int | None, list[list[float]]] = {m: [] for m in modes}
         for w in range(windows):
             for m in modes:
                 times[m].append([])
             for r in range(span):
-                k = (w * span + r) % len(modes)
-                for m in modes[k:] + modes[:k]:  # the order rotates from round to round
+                for m in orders[(w * span + r) % len(orders)]:
                     times[m][-1].append(run_step(m))
         sink.flush()
         sink.close()
