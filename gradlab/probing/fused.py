@@ -17,6 +17,10 @@ The kernels (``K`` per-sample sums each, returned as a float64 tensor of shape `
   ||f - min(t, 0)||^2 = ||relu(t) - s||^2. Both operands are the tensors the block has just
   computed, still in cache; s is not read again.
 
+Plus ``Kernels.sq_list``: ||t||^2 of each of many tensors (a model's parameters, or their
+gradients) in one call. The probe's hooks use :class:`SumTable.run`, which writes a kernel's
+sums into the step's table without creating a tensor.
+
 When: CPU tensors of float32 or bfloat16 laid out densely per sample (NCHW- or
 channels_last-contiguous), not while ``torch.compile`` traces the model (Inductor fuses the
 eager formulas into the graph then), never on GPUs (ATen's reductions there are cheap and
@@ -25,8 +29,10 @@ asynchronous). Everything else takes the eager ATen formulas of :mod:`gradlab.pr
 Build: the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) compiles
 ``kernels.c`` with ``-O3 -march=native -fopenmp`` (falling back to fewer flags) in well under a
 second; the library is cached under ``$GRADLAB_CACHE_DIR`` (default ``~/.cache/gradlab``), keyed
-by the source, the compiler and the CPU, so a home directory shared by different machines gets
-one build per CPU kind. If no compiler works, gradlab warns once and uses the eager formulas.
+by the source, the compiler, its flags, the C library and the CPU model and flags, so a home
+directory shared by different machines gets one build per CPU kind (where the CPU cannot be read,
+on other systems than Linux, no -march=native). If no compiler works, gradlab warns once and
+uses the eager formulas.
 """
 
 from __future__ import annotations
