@@ -245,26 +245,21 @@ class Kernels:
         ``out``: write into this float64 CPU ``(N, K)`` tensor with unit column stride (a column
         slice of a larger table) instead of a new one; its transpose is returned.
         """
-        if name not in KERNELS or len(tensors) != (1 if name == "sq" else 2):
+        if not _takes(name, tensors):
             raise ValueError(f"kernel {name!r} with {len(tensors)} tensors")
         # The kernels read raw memory: the layout is checked on every call, never assumed.
         if not _layout_ok(tensors):
             raise ValueError(f"kernel {name!r}: tensors must be CPU float32/bfloat16, dense per "
                              "sample, with equal shapes and strides")
         self.load(required=True)
-        a = tensors[0]
-        b = tensors[1] if len(tensors) == 2 else None
-        n = a.shape[0] if a.ndim > 1 else 1
-        per = a.numel() // n
-        k = KERNELS[name]
+        n, k = _samples(tensors[0]), KERNELS[name]
         if out is None:
             out = torch.empty((n, k), dtype=torch.float64)
         elif (out.dtype != torch.float64 or out.device.type != "cpu" or out.shape != (n, k)
               or out.stride(1) != 1 or out.stride(0) < k):
             raise ValueError(f"kernel {name!r}: out must be a float64 CPU ({n}, {k}) tensor "
                              "with unit column stride")
-        self._fns[(name, a.dtype)](a.data_ptr(), b.data_ptr() if b is not None else None, n, per,
-                                   out.data_ptr(), out.stride(0), torch.get_num_threads())
+        _launch(self._fns[(name, tensors[0].dtype)], tensors, out.data_ptr(), out.stride(0))
         return out.T
 
 
@@ -309,21 +304,17 @@ class SumTable:
 
         The probe's hot path: one layout check, no tensor created, one C call.
         """
-        if (len(tensors) != (1 if name == "sq" else 2) or torch.compiler.is_compiling()
+        if (not _takes(name, tensors) or torch.compiler.is_compiling()
                 or not _layout_ok(tensors)):
             return None
-        a = tensors[0]
-        fn = kernels.fn(name, a.dtype)
+        fn = kernels.fn(name, tensors[0].dtype)
         if fn is None:
             return None
-        n = a.shape[0] if a.ndim > 1 else 1
-        k = KERNELS[name]
-        col = self.take(n, k)
+        col = self.take(_samples(tensors[0]), KERNELS[name])
         if col is None:
             return None
         table = self.table  # contiguous (n, capacity): column col starts 8 * col bytes in
-        fn(a.data_ptr(), tensors[1].data_ptr() if len(tensors) == 2 else None, n,
-           a.numel() // n, table.data_ptr() + 8 * col, table.stride(0), torch.get_num_threads())
+        _launch(fn, tensors, table.data_ptr() + 8 * col, table.stride(0))
         return col
 
     def keep(self, columns: list[int]) -> dict[int, int]:
@@ -338,6 +329,24 @@ class SumTable:
         out = self.table[:, : self.used]
         self.used = 0
         return out
+
+
+def _takes(name: str, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``name`` is a kernel and ``tensors`` its number of operands."""
+    return name in KERNELS and len(tensors) == (1 if name == "sq" else 2)
+
+
+def _samples(t: torch.Tensor) -> int:
+    """The kernels' N: the first dim's size (1 for a 1-d tensor)."""
+    return t.shape[0] if t.ndim > 1 else 1
+
+
+def _launch(fn, tensors: tuple[torch.Tensor, ...], out_ptr: int, ld: int) -> None:
+    """Call a per-sample kernel on checked tensors, writing row i at ``out_ptr + 8*i*ld``."""
+    a = tensors[0]
+    n = _samples(a)
+    fn(a.data_ptr(), tensors[1].data_ptr() if len(tensors) == 2 else None, n, a.numel() // n,
+       out_ptr, ld, torch.get_num_threads())
 
 
 def _layout_ok(tensors: tuple[torch.Tensor, ...]) -> bool:

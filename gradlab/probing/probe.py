@@ -123,7 +123,6 @@ class Probe:
         # A key lives in one of the two; a later forward replaces an earlier one's value.
         self._store: dict[tuple[str, str], torch.Tensor] = {}
         self._cols: dict[tuple[str, str], tuple[int, ...]] = {}
-        self._dot_from_t: set[str] = set()  # blocks whose third column is <F, t>, not <F, s>
         self._sums = SumTable()
         # Per-sample shortcut norms awaiting the block's hook (eager path).
         self._shortcut_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -231,8 +230,13 @@ class Probe:
         """Remove the measuring hooks; values recorded so far wait for the snapshot."""
         while self._handles:
             self._handles.pop().remove()
+        self._reset_forward()
+
+    def _reset_forward(self) -> None:
+        """Forget what a forward left for its own later hooks (not the recorded values)."""
         self._in_forward = False
         self._bn_start = None
+        self._bn_run = {}
         self._shortcut_norms.clear()
         self._block_sums.clear()
         self._out_sq = None
@@ -292,11 +296,8 @@ class Probe:
 
     def _start_hook(self, module, args):
         # Per-forward state starts afresh, whatever an earlier (maybe failed) forward left.
+        self._reset_forward()
         self._in_forward = self._recording()
-        self._bn_run = {}
-        self._block_sums.clear()
-        self._shortcut_norms.clear()
-        self._out_sq = None
         self._bn_start = self._running_vars() if self._in_forward and self._bn_all else None
         if self._in_forward:
             self._compact()
@@ -378,14 +379,12 @@ class Probe:
                 col = self._run("addrelu", f, t) if ss is not None else None
                 if col is not None:  # columns ||F||^2, <F, t>, ||relu t||^2, ||relu t - s||^2
                     self._put_cols((block, "residual_stats"), (col, ss, col + 1))
-                    self._dot_from_t.add(block)
                     self._block_sums[block] = (_tensor_key(s), col + 3, ss, col + 2)
                     return None
             else:
                 col = self._run("pair", f, s)
                 if col is not None:  # columns ||F||^2, ||s||^2, <F, s>, (unused)
                     self._put_cols((block, "residual_stats"), (col, col + 1, col + 2))
-                    self._dot_from_t.discard(block)
                     return None
             f, s, t = f.detach(), s.detach(), t.detach()
             ns = M.sample_norms(s)
@@ -472,7 +471,9 @@ class Probe:
         res = [e for e in items if e[0][1] == "residual_stats"]
         if res:
             ff, ss, third = pick(res, 0), pick(res, 1), pick(res, 2)
-            diff = torch.tensor([k[0] in self._dot_from_t for k, _ in res])
+            # gradlab's relu blocks take the addrelu pass (third column <F, t>), all other
+            # blocks the pair pass (third column <F, s>).
+            diff = torch.tensor([k[0] in self._relu_blocks for k, _ in res])
             dot = torch.where(diff, third - ff, third)  # <F, t> - ||F||^2, or <F, s>
             ratio, cosine = M.ratio_cosine(ff, ss, dot)
             names = [k[0] for k, _ in res]
@@ -517,10 +518,7 @@ class Probe:
         metrics when the loss was scaled (fp16 ``GradScaler``); bf16 needs none.
         """
         self._freeze_depths()
-        self._out_sq = None
-        self._in_forward = False
-        self._block_sums.clear()
-        self._shortcut_norms.clear()
+        self._reset_forward()
         layers: list[str] = []
         metrics: list[str] = []
         parts: list[torch.Tensor] = []
