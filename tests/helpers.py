@@ -1,4 +1,5 @@
-"""Plain helpers shared by several test modules: the CLI, run directories, interruptions.
+"""Plain helpers shared by several test modules: the CLI, run directories, interruptions,
+float64 references.
 
 (A module, not conftest.py, so tests import these by name; ``tests`` is on ``pythonpath``.)
 """
@@ -15,6 +16,11 @@ from typer.testing import CliRunner
 from gradlab.cli import app
 
 runner = CliRunner()
+
+
+def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    """Float64 L2 norm of each sample (over every dim but the first): the metrics' reference."""
+    return t.double().flatten(1).norm(dim=1)
 
 
 def invoke(*args):

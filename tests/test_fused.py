@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import per_sample_norm
 
 from gradlab import Probe, create_model
 from gradlab.data import load_dataset
@@ -22,10 +23,6 @@ from gradlab.probing import fused
 from gradlab.probing.fused import KERNELS, Kernels, SumTable, dense_per_sample, kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.double().flatten(1).norm(dim=1)
 
 
 def reference(name: str, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import per_sample_norm
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from gradlab import Probe, create_model
@@ -92,10 +93,6 @@ def as_input(case: str, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- brute-force references --------------------------------------------------------------------
-def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.double().flatten(1).norm(dim=1)
-
-
 def manual_block(block: BasicBlock, x: torch.Tensor):
     """F(x), shortcut(x) (None for plain blocks) and H(x), through the submodules one by one."""
     f = block.bn2(block.conv2(block.relu1(block.bn1(block.conv1(x)))))
