@@ -42,7 +42,9 @@ def reference(name: str, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tenso
     return torch.stack([(a * a).sum(1), (a * b).sum(1), (h * h).sum(1), (d * d).sum(1)])
 
 
-SHAPES = [(6, 16, 8, 8), (5, 3, 7, 7), (3, 10), (4, 1, 1, 33), (37,)]
+# Per-sample sizes: whole SIMD iterations (1024), a tail of scalars only (10, 33, 37, 147), of
+# one 2-vector step and scalars (1061 = 1024 + 32 + 5), several chunks with both tails (3065).
+SHAPES = [(6, 16, 8, 8), (5, 3, 7, 7), (3, 10), (4, 1, 1, 33), (37,), (3, 1061), (2, 5, 613)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
