@@ -71,14 +71,18 @@ _FLAG_SETS = (
 def dense_per_sample(t: torch.Tensor) -> bool:
     """Whether ``t`` is a non-empty float32/bf16 CPU tensor whose samples are contiguous ranges
     of its memory (NCHW- or channels_last-contiguous), as the kernels require."""
-    if (t.dtype not in _SUFFIX or not t.is_cpu or t.ndim == 0 or t.numel() == 0
-            or t.is_neg() or t._is_zerotensor() or t.data_ptr() == 0):
-        return False  # (a ZeroTensor has no memory behind it)
-    if t.is_contiguous():
-        return True
-    if t.ndim == 4:
-        return t.is_contiguous(memory_format=torch.channels_last)
-    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+    # The probe calls this in its hooks, mid-step, where every Python-level call is slow (the
+    # interpreter's data is out of cache): the common case takes the fewest calls.
+    if t.dtype not in _SUFFIX or not t.is_cpu:
+        return False
+    if not t.is_contiguous():
+        ndim = t.ndim
+        if not (ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)
+                or ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)):
+            return False
+    # A ZeroTensor has no memory behind it; a negative view's values are not what is stored.
+    return (t.numel() != 0 and t.ndim != 0 and t.data_ptr() != 0 and not t.is_neg()
+            and not t._is_zerotensor())
 
 
 def _cache_dir() -> Path:
@@ -259,7 +263,8 @@ class Kernels:
               or out.stride(1) != 1 or out.stride(0) < k):
             raise ValueError(f"kernel {name!r}: out must be a float64 CPU ({n}, {k}) tensor "
                              "with unit column stride")
-        _launch(self._fns[(name, tensors[0].dtype)], tensors, out.data_ptr(), out.stride(0))
+        _launch(self._fns[(name, tensors[0].dtype)], tensors[0],
+                tensors[1] if len(tensors) == 2 else None, n, out.data_ptr(), out.stride(0))
         return out.T
 
 
@@ -270,25 +275,30 @@ class SumTable:
     then is reused."""
 
     def __init__(self) -> None:
-        self.table = torch.empty((0, 0), dtype=torch.float64)
+        self._set(torch.empty((0, 0), dtype=torch.float64))
         self.used = 0
+
+    def _set(self, table: torch.Tensor) -> None:
+        # Plain ints for the hot path: the shape and address of the (contiguous) table.
+        self.table = table
+        self._rows, self._cap = table.shape
+        self._ptr = table.data_ptr()
 
     @property
     def n(self) -> int:
-        return self.table.shape[0]
+        return self._rows
 
     def take(self, n: int, k: int) -> int | None:
         """Reserve the next ``k`` columns for ``n`` samples; their first index, or None when this
         step's table holds another batch size (the caller then computes its metric eagerly)."""
-        if self.used == 0 and self.n != n:
-            self.table = torch.empty((n, max(self.table.shape[1], 64)), dtype=torch.float64)
-        if n != self.n:
-            return None
-        if self.used + k > self.table.shape[1]:
-            grown = torch.empty((n, max(2 * self.table.shape[1], self.used + k)),
-                                dtype=torch.float64)
+        if n != self._rows:
+            if self.used:
+                return None
+            self._set(torch.empty((n, max(self._cap, 64)), dtype=torch.float64))
+        if self.used + k > self._cap:
+            grown = torch.empty((n, max(2 * self._cap, self.used + k)), dtype=torch.float64)
             grown[:, : self.used] = self.table[:, : self.used]
-            self.table = grown
+            self._set(grown)
         col = self.used
         self.used += k
         return col
@@ -307,14 +317,26 @@ class SumTable:
         if (not _takes(name, tensors) or torch.compiler.is_compiling()
                 or not _layout_ok(tensors)):
             return None
-        fn = kernels.fn(name, tensors[0].dtype)
-        if fn is None:
+        return self._launch(name, tensors[0], tensors[1] if len(tensors) == 2 else None)
+
+    def sq(self, t: torch.Tensor) -> int | None:
+        """``run("sq", t)``, the probe's most frequent call (every response gradient)."""
+        if torch.compiler.is_compiling() or not dense_per_sample(t):
             return None
-        col = self.take(_samples(tensors[0]), KERNELS[name])
+        return self._launch("sq", t, None)
+
+    def _launch(self, name: str, a: torch.Tensor, b: torch.Tensor | None) -> int | None:
+        fns = kernels._fns
+        if fns is None:
+            if not kernels.load():
+                return None
+            fns = kernels._fns
+        n = _samples(a)
+        col = self.take(n, KERNELS[name])
         if col is None:
             return None
-        table = self.table  # contiguous (n, capacity): column col starts 8 * col bytes in
-        _launch(fn, tensors, table.data_ptr() + 8 * col, table.stride(0))
+        # The table is contiguous (n, capacity): column col starts 8 * col bytes in.
+        _launch(fns[(name, a.dtype)], a, b, n, self._ptr + 8 * col, self._cap)
         return col
 
     def keep(self, columns: list[int]) -> dict[int, int]:
@@ -341,12 +363,11 @@ def _samples(t: torch.Tensor) -> int:
     return t.shape[0] if t.ndim > 1 else 1
 
 
-def _launch(fn, tensors: tuple[torch.Tensor, ...], out_ptr: int, ld: int) -> None:
-    """Call a per-sample kernel on checked tensors, writing row i at ``out_ptr + 8*i*ld``."""
-    a = tensors[0]
-    n = _samples(a)
-    fn(a.data_ptr(), tensors[1].data_ptr() if len(tensors) == 2 else None, n, a.numel() // n,
-       out_ptr, ld, torch.get_num_threads())
+def _launch(fn, a: torch.Tensor, b: torch.Tensor | None, n: int, out_ptr: int, ld: int) -> None:
+    """Call a per-sample kernel on checked tensors (n samples), writing row i at
+    ``out_ptr + 8*i*ld``."""
+    fn(a.data_ptr(), None if b is None else b.data_ptr(), n, a.numel() // n, out_ptr, ld,
+       torch.get_num_threads())
 
 
 def _layout_ok(tensors: tuple[torch.Tensor, ...]) -> bool:

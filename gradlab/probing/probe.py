@@ -77,7 +77,10 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 
 def _direct_params(module: nn.Module) -> list[nn.Parameter]:
-    return list(module.parameters(recurse=False))
+    # = list(module.parameters(recurse=False)) (one entry per parameter, also one registered
+    # under two names), without the generator machinery: snapshot() reads it for every module
+    # on every logged step.
+    return list(dict.fromkeys(p for p in module._parameters.values() if p is not None))
 
 
 class Probe:
@@ -135,9 +138,10 @@ class Probe:
         self._bn_run: dict[str, int] = {}
         self._bn_forwards: list[tuple[torch.Tensor, torch.Tensor, dict[str, int]]] = []
         self._bn_consts: dict[tuple, M.BNConstants] = {}
-        # gradlab blocks reduced by the add's fused pass: the shortcut's key and the columns of
-        # ||h - s||^2, ||s||^2 (identity_gap) and ||h||^2 (h = relu(F + s), the output).
-        self._block_sums: dict[str, tuple[tuple, int, int, int]] = {}
+        # gradlab blocks reduced by the add's fused pass: the shortcut (held from the add's hook
+        # to the block's, which follows it) and the columns of ||h - s||^2, ||s||^2
+        # (identity_gap) and ||h||^2 (h = relu(F + s), the output).
+        self._block_sums: dict[str, tuple[torch.Tensor, int, int, int]] = {}
         # The last such output (weakly held, with its version) and the column of its ||h||^2:
         # the next block's input, whose ||x||^2 then needs no pass over x (cold by then).
         self._out_sq: tuple[weakref.ref, int, int] | None = None
@@ -258,7 +262,7 @@ class Probe:
 
     # -- hooks --------------------------------------------------------------------------------
     def _recording(self) -> bool:
-        return self.enabled and torch.is_grad_enabled()
+        return self._enabled and torch.is_grad_enabled()
 
     def _known_sq(self, t: torch.Tensor) -> int | None:
         """Column of per-sample ||t||^2 if t is the last gradlab block's output, unchanged."""
@@ -273,6 +277,10 @@ class Probe:
         if self.fused is False:
             return None
         return self._sums.run(name, *tensors)
+
+    def _run_sq(self, t: torch.Tensor) -> int | None:
+        """``_run("sq", t)`` in fewer calls (the hooks run mid-step, where each costs)."""
+        return None if self.fused is False else self._sums.sq(t)
 
     def _put(self, key: tuple[str, str], value: torch.Tensor) -> None:
         self._store[key] = value
@@ -333,91 +341,107 @@ class Probe:
         self._cols = {k: tuple(where[c] for c in cols) for k, cols in self._cols.items()}
 
     def _response_hook(self, name: str):
+        key_std, key_grad = (name, "response_std"), (name, "response_grad_norm")
+        exact_bn = name in self._bn_index
+
+        def grad_hook(g):
+            # The kernels only read memory: no detach() (a new tensor object) needed.
+            col = self._run_sq(g)
+            if col is not None:
+                self._cols[key_grad] = (col,)
+                self._store.pop(key_grad, None)
+            else:
+                self._put(key_grad, M.grad_norm(g.detach()))
+
         def hook(module, args, out):
-            if not self._recording() or not isinstance(out, torch.Tensor):
+            if not (self._enabled and torch.is_grad_enabled()) or not isinstance(out, torch.Tensor):
                 return None
-            if (self._in_forward and self._bn_start is not None and name in self._bn_index
-                    and module.training and module.momentum is not None
-                    and name not in self._bn_run):
-                self._bn_run[name] = out.numel() // out.shape[1]  # elements per channel
+            bn_run = self._bn_run
+            if (exact_bn and self._bn_start is not None and name not in bn_run
+                    and module.training and module.momentum is not None):
+                # (_bn_start is set only inside a recorded forward of the model.)
+                bn_run[name] = out.numel() // out.shape[1]  # elements per channel
             else:
                 # Not inside a recorded forward of the model, a second call within one, eval
                 # mode, another BatchNorm class or the final Linear: one pass over the output.
-                if name in self._bn_run:
-                    self._bn_run[name] = -1
+                if name in bn_run:
+                    bn_run[name] = -1
                 self._drop_bn(name)
-                self._put((name, "response_std"), M.response_std(out.detach()))
+                self._put(key_std, M.response_std(out.detach()))
             if out.requires_grad:
-                def grad_hook(g):
-                    # The kernels only read memory: no detach() (a new tensor object) needed.
-                    col = self._run("sq", g)
-                    if col is not None:
-                        self._put_cols((name, "response_grad_norm"), (col,))
-                    else:
-                        self._put((name, "response_grad_norm"), M.grad_norm(g.detach()))
                 out.register_hook(grad_hook)
             return None
         return hook
 
     def _add_hook(self, block: str):
+        key_res, relu_block = (block, "residual_stats"), block in self._relu_blocks
+
         def hook(module, args, out):
-            if not self._recording() or len(args) != 2:
+            if not (self._enabled and torch.is_grad_enabled()) or len(args) != 2:
                 return None
             self._block_sums.pop(block, None)
             f, s = args
-            if not all(isinstance(a, torch.Tensor) for a in (f, s, out)):
+            if not (isinstance(f, torch.Tensor) and isinstance(s, torch.Tensor)
+                    and isinstance(out, torch.Tensor)):
                 return None
             t = out
-            if block in self._relu_blocks:
+            if relu_block:
                 # One pass over F and t = F + s, both just computed. ||s||^2 comes from the
                 # previous block's pass when s is its output (identity shortcut), else from one
                 # pass over s; <F, s> = <F, t> - ||F||^2, as in the eager path: t's rounding
                 # (bf16) then enters only as <F, dt>, small next to ||F|| ||s|| also when F is.
                 ss = self._known_sq(s)
                 if ss is None:
-                    ss = self._run("sq", s)
+                    ss = self._run_sq(s)
                 col = self._run("addrelu", f, t) if ss is not None else None
                 if col is not None:  # columns ||F||^2, <F, t>, ||relu t||^2, ||relu t - s||^2
-                    self._put_cols((block, "residual_stats"), (col, ss, col + 1))
-                    self._block_sums[block] = (_tensor_key(s), col + 3, ss, col + 2)
+                    self._cols[key_res] = (col, ss, col + 1)
+                    self._store.pop(key_res, None)
+                    # For the block's hook, which follows: identity_gap is ||relu t - s|| /
+                    # ||s|| when s is the block's input itself (an identity shortcut).
+                    self._block_sums[block] = (s, col + 3, ss, col + 2)
                     return None
             else:
                 col = self._run("pair", f, s)
                 if col is not None:  # columns ||F||^2, ||s||^2, <F, s>, (unused)
-                    self._put_cols((block, "residual_stats"), (col, col + 1, col + 2))
+                    self._put_cols(key_res, (col, col + 1, col + 2))
                     return None
             f, s, t = f.detach(), s.detach(), t.detach()
             ns = M.sample_norms(s)
             # The block's hook reuses these norms when its input is this very tensor (identity
             # shortcut): matched by storage address, shape and strides, plain Python ints.
             self._shortcut_norms[block] = (_tensor_key(s), ns)
-            self._put((block, "residual_stats"), M.residual_stats(f, s, t, ns))
+            self._put(key_res, M.residual_stats(f, s, t, ns))
             return None
         return hook
 
     def _block_hook(self, name: str):
+        key_gap = (name, "identity_gap")
+
         def hook(module, args, out):
-            if not self._recording() or not args or not isinstance(out, torch.Tensor):
+            if not (self._enabled and torch.is_grad_enabled()) or not args \
+                    or not isinstance(out, torch.Tensor):
                 return None
             x = args[0]
             cached = self._shortcut_norms.pop(name, None)
             fused = self._block_sums.pop(name, None)
             if fused is not None:
                 # out is relu(t) of the add's pass: its ||out||^2 serves the next block.
-                key, dd, ss, hh = fused
+                s, dd, ss, hh = fused
                 self._out_sq = (weakref.ref(out), out._version, hh)
-                if isinstance(x, torch.Tensor) and key == _tensor_key(x):
-                    self._put_cols((name, "identity_gap"), (dd, ss))
+                if s is x:
+                    self._cols[key_gap] = (dd, ss)
+                    self._store.pop(key_gap, None)
                     return None
             if not isinstance(x, torch.Tensor) or x.shape != out.shape:
                 return None
             col = self._run("gap", out, x)
             if col is not None:  # columns ||h - x||^2, ||x||^2
-                self._put_cols((name, "identity_gap"), (col, col + 1))
+                self._put_cols(key_gap, (col, col + 1))
                 return None
             h, x = out.detach(), x.detach()
             x_norms = cached[1] if cached and cached[0] == _tensor_key(x) else None
-            self._put((name, "identity_gap"), M.identity_gap(
+            self._put(key_gap, M.identity_gap(
                 x, h, x_norms=x_norms, scratch=self._scratch_like(h)))
             return None
         return hook
@@ -534,7 +558,7 @@ class Probe:
                 g = self._module_norms([p.grad for p in params], n)
                 if grad_scale is not None:
                     g = g / grad_scale
-                w = self._module_norms([p.detach() for p in params], n)
+                w = self._module_norms(params, n)  # (only read: no autograd, no detach)
             names = [name for name, _ in self._param_modules]
             parts += [g.float(), w.float()]
             layers += names + names
