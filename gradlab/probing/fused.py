@@ -18,8 +18,9 @@ The kernels (``K`` per-sample sums each, returned as a float64 tensor of shape `
   computed, still in cache; s is not read again.
 
 Plus ``Kernels.sq_list``: ||t||^2 of each of many tensors (a model's parameters, or their
-gradients) in one call. The probe's hooks use :class:`SumTable.run`, which writes a kernel's
-sums into the step's table without creating a tensor.
+gradients) in one call. The probe's hooks use :meth:`SumTable.run` (and :meth:`SumTable.sq`, the
+same for the one-tensor kernel in fewer calls), which writes a kernel's sums into the step's
+table without creating a tensor.
 
 When: CPU tensors of float32 or bfloat16 laid out densely per sample (NCHW- or
 channels_last-contiguous), not while ``torch.compile`` traces the model (Inductor fuses the

@@ -348,13 +348,12 @@ class Probe:
             # The kernels only read memory: no detach() (a new tensor object) needed.
             col = self._run_sq(g)
             if col is not None:
-                self._cols[key_grad] = (col,)
-                self._store.pop(key_grad, None)
+                self._put_cols(key_grad, (col,))
             else:
                 self._put(key_grad, M.grad_norm(g.detach()))
 
         def hook(module, args, out):
-            if not (self._enabled and torch.is_grad_enabled()) or not isinstance(out, torch.Tensor):
+            if not self._recording() or not isinstance(out, torch.Tensor):
                 return None
             bn_run = self._bn_run
             if (exact_bn and self._bn_start is not None and name not in bn_run
@@ -377,7 +376,7 @@ class Probe:
         key_res, relu_block = (block, "residual_stats"), block in self._relu_blocks
 
         def hook(module, args, out):
-            if not (self._enabled and torch.is_grad_enabled()) or len(args) != 2:
+            if not self._recording() or len(args) != 2:
                 return None
             self._block_sums.pop(block, None)
             f, s = args
@@ -395,8 +394,7 @@ class Probe:
                     ss = self._run_sq(s)
                 col = self._run("addrelu", f, t) if ss is not None else None
                 if col is not None:  # columns ||F||^2, <F, t>, ||relu t||^2, ||relu t - s||^2
-                    self._cols[key_res] = (col, ss, col + 1)
-                    self._store.pop(key_res, None)
+                    self._put_cols(key_res, (col, ss, col + 1))
                     # For the block's hook, which follows: identity_gap is ||relu t - s|| /
                     # ||s|| when s is the block's input itself (an identity shortcut).
                     self._block_sums[block] = (s, col + 3, ss, col + 2)
@@ -419,8 +417,7 @@ class Probe:
         key_gap = (name, "identity_gap")
 
         def hook(module, args, out):
-            if not (self._enabled and torch.is_grad_enabled()) or not args \
-                    or not isinstance(out, torch.Tensor):
+            if not self._recording() or not args or not isinstance(out, torch.Tensor):
                 return None
             x = args[0]
             cached = self._shortcut_norms.pop(name, None)
@@ -430,8 +427,7 @@ class Probe:
                 s, dd, ss, hh = fused
                 self._out_sq = (weakref.ref(out), out._version, hh)
                 if s is x:
-                    self._cols[key_gap] = (dd, ss)
-                    self._store.pop(key_gap, None)
+                    self._put_cols(key_gap, (dd, ss))
                     return None
             if not isinstance(x, torch.Tensor) or x.shape != out.shape:
                 return None
@@ -549,16 +545,17 @@ class Probe:
         if self._param_modules:
             params = [p for _, m in self._param_modules for p in _direct_params(m)]
             device = params[0].device
-            if self._owner is None or self._owner.device != device:
-                owner = [i for i, (_, m) in enumerate(self._param_modules)
-                         for _ in _direct_params(m)]
-                self._owner = torch.tensor(owner, device=device)
             n = len(self._param_modules)
-            with torch.no_grad():
-                g = self._module_norms([p.grad for p in params], n)
-                if grad_scale is not None:
-                    g = g / grad_scale
-                w = self._module_norms(params, n)  # (only read: no autograd, no detach)
+            if self._owner is None or self._owner.device != device:
+                owner = torch.tensor([i for i, (_, m) in enumerate(self._param_modules)
+                                      for _ in _direct_params(m)], device=device)
+                # The gradients' modules 0..n-1, then the parameters' n..2n-1: one call for both.
+                self._owner = torch.cat((owner, owner + n))
+            with torch.no_grad():  # (the parameters are only read: no detach needed)
+                norms = self._module_norms([p.grad for p in params] + params, 2 * n)
+            g, w = norms[:n], norms[n:]
+            if grad_scale is not None:
+                g = g / grad_scale
             names = [name for name, _ in self._param_modules]
             parts += [g.float(), w.float()]
             layers += names + names
@@ -598,7 +595,8 @@ class Probe:
         return PendingFrame(values, layers, depths, metrics)
 
     def _module_norms(self, tensors: list[torch.Tensor | None], n: int) -> torch.Tensor:
-        """Per-module L2 norms of the parameters (or gradients; None counts as zero): one C call
+        """Per-module L2 norms of the gradients and the parameters (``tensors``; a missing
+        gradient, None, counts as zero), grouped by ``self._owner`` into ``n`` values: one C call
         on CPU, one ``_foreach_norm`` elsewhere."""
         present = [t for t in tensors if t is not None]
         sq = _kernels.sq_list(present) if self.fused is not False else None
