@@ -327,17 +327,15 @@ class SumTable:
         return self._launch("sq", t, None)
 
     def _launch(self, name: str, a: torch.Tensor, b: torch.Tensor | None) -> int | None:
-        fns = kernels._fns
-        if fns is None:
-            if not kernels.load():
-                return None
-            fns = kernels._fns
+        fn = kernels.fn(name, a.dtype)
+        if fn is None:
+            return None
         n = _samples(a)
         col = self.take(n, KERNELS[name])
         if col is None:
             return None
         # The table is contiguous (n, capacity): column col starts 8 * col bytes in.
-        _launch(fns[(name, a.dtype)], a, b, n, self._ptr + 8 * col, self._cap)
+        _launch(fn, a, b, n, self._ptr + 8 * col, self._cap)
         return col
 
     def keep(self, columns: list[int]) -> dict[int, int]:
