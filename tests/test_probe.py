@@ -489,6 +489,66 @@ def test_probe_works_on_any_module_and_user_residual_blocks() -> None:
     assert not hooks_left(model)
 
 
+def test_layer_norms_follow_parameters_replaced_removed_or_registered_twice() -> None:
+    """The probe caches which parameters it reads (by identity); a parameter replaced, removed
+    or registered under a second name between steps is read as it is now, once per module."""
+
+    class Twice(nn.Module):  # one parameter under two names: counted once, as parameters() does
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 6) / 3)
+            self.v = self.w
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), Twice(), nn.Linear(6, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+
+    def check(frame: pd.DataFrame) -> None:
+        g, w = rows(frame, "grad_norm"), rows(frame, "weight_norm")
+        for name, mod in model.named_children():
+            ps = list(mod.parameters(recurse=False))
+            want_w = math.sqrt(sum(p.double().square().sum().item() for p in ps))
+            want_g = math.sqrt(sum(p.grad.double().square().sum().item() for p in ps
+                                   if p.grad is not None))
+            assert math.isclose(w[name], want_w, rel_tol=1e-6), name
+            assert math.isclose(g[name], want_g, rel_tol=1e-5, abs_tol=1e-12), name
+
+    with Probe(model) as probe:
+        for change in ("none", "replace", "remove", "twice", "none"):
+            if change == "replace":
+                model[0].weight = nn.Parameter(torch.randn(6, 4))
+            elif change == "remove":
+                model[2].bias = None
+            elif change == "twice":
+                model[0].again = model[0].weight
+            model.zero_grad(set_to_none=True)
+            step(model, x, y)
+            check(probe.collect())
+
+
+def test_a_probe_on_one_block_measures_its_bn2() -> None:
+    """bn2's response is recorded by the add's hook in gradlab's blocks, also when the probe is
+    attached to the block itself (the root module)."""
+    torch.manual_seed(0)
+    block = BasicBlock(4, 4).train()
+    x = torch.randn(8, 4, 6, 6, requires_grad=True)
+    with torch.no_grad():
+        want = block.bn2(block.conv2(block.relu1(block.bn1(block.conv1(x))))).double().std()
+    block.bn2.reset_running_stats()
+    block.bn1.reset_running_stats()
+    with Probe(block) as probe:
+        out = block(x)
+        g, = torch.autograd.grad(out.square().sum(), [x], retain_graph=False)
+        frame = probe.collect()
+    std = rows(frame, "response_std")
+    assert set(std.index) == {"bn1", "bn2"}
+    assert math.isclose(std["bn2"], want.item(), rel_tol=1e-5)
+    assert set(rows(frame, "response_grad_norm").index) == {"bn1", "bn2"}
+
+
 # -- host transfers ----------------------------------------------------------------------------
 HOST_METHODS = ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__",
                 "__index__", "__array__", "to")

@@ -327,15 +327,26 @@ class SumTable:
         return self._launch("sq", t, None)
 
     def _launch(self, name: str, a: torch.Tensor, b: torch.Tensor | None) -> int | None:
-        fn = kernels.fn(name, a.dtype)
-        if fn is None:
-            return None
-        n = _samples(a)
-        col = self.take(n, KERNELS[name])
-        if col is None:
-            return None
+        # Called from hooks mid-step, where each Python-level call costs: the common case
+        # (kernels loaded, the table holds this batch size and has room) takes no helper.
+        fns = kernels._fns
+        if fns is None:
+            if not kernels.load():
+                return None
+            fns = kernels._fns
+        n = a.shape[0] if a.ndim > 1 else 1  # = _samples(a)
+        k = KERNELS[name]
+        col = self.used
+        if n == self._rows and col + k <= self._cap:
+            self.used = col + k
+        else:
+            col = self.take(n, k)
+            if col is None:
+                return None
         # The table is contiguous (n, capacity): column col starts 8 * col bytes in.
-        _launch(fn, a, b, n, self._ptr + 8 * col, self._cap)
+        fns[(name, a.dtype)](a.data_ptr(), None if b is None else b.data_ptr(), n,
+                             a.numel() // n, self._ptr + 8 * col, self._cap,
+                             torch.get_num_threads())
         return col
 
     def keep(self, columns: list[int]) -> dict[int, int]:

@@ -77,10 +77,9 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 
 def _direct_params(module: nn.Module) -> list[nn.Parameter]:
-    # = list(module.parameters(recurse=False)) (one entry per parameter, also one registered
-    # under two names), without the generator machinery: snapshot() reads it for every module
-    # on every logged step.
-    return list(dict.fromkeys(p for p in module._parameters.values() if p is not None))
+    # = list(module.parameters(recurse=False)): one entry per parameter, also for one
+    # registered under two names (deduplicated by id: Tensor.__hash__ is a Python call).
+    return list({id(p): p for p in module._parameters.values() if p is not None}.values())
 
 
 class Probe:
@@ -96,6 +95,9 @@ class Probe:
             loss = criterion(model(x), y)
             loss.backward()
             frame = probe.collect()          # before optimizer.step()
+
+    In gradlab's own residual blocks the add's hook also records bn2 (whose output is the add's
+    first operand), so a block's bn2 called on its own, outside the block, is not measured.
 
     Hooks record only while :attr:`enabled` is true and autograd is on (evaluation passes under
     ``torch.no_grad()`` are ignored); a training loop flips :attr:`enabled` on logged steps only.
@@ -163,9 +165,22 @@ class Probe:
         # Blocks whose output is known to be relu(F + s): gradlab's own, with a stock ReLU.
         self._relu_blocks = {n for n, m in named if type(m) is BasicBlock
                              and type(getattr(m, "relu2", None)) is nn.ReLU}
+        # gradlab residual blocks whose bn2 output is the add's first operand: bn2's response
+        # is recorded by the add's hook (one hook call fewer per block, each costs mid-step).
+        self._folded = {n: f"{n}.bn2" if n else "bn2" for n, m in named
+                        if type(m) is BasicBlock and m.residual
+                        and type(getattr(m, "add", None)) is ResidualAdd
+                        and isinstance(getattr(m, "bn2", None), _BatchNorm)}
         self._order: list[str] | None = None
         self._depth: dict[str, int] = {}
+        # snapshot(): the parameters' ids as last gathered, the ones kept (None: all; a module
+        # holding one parameter under two names counts it once) and their modules' indices.
+        self._param_ids: tuple[int, ...] | None = None
+        self._param_keep: list[int] | None = None
         self._owner: torch.Tensor | None = None
+        # Whether the last forward of the model was traced by torch.compile (the grad hooks
+        # are then tensor hooks, which Dynamo supports, instead of autograd-node pre-hooks).
+        self._traced = False
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> Probe:
@@ -215,8 +230,12 @@ class Probe:
         if self._handles:
             return
         if self._hooks is None:  # built once: re-registering on each logged step allocates little
-            self._hooks = ([(m, self._response_hook(n)) for n, m in self._response_modules]
-                           + [(m, self._add_hook(b)) for b, m in self._adds]
+            response = {n: self._response_hook(n) for n, _ in self._response_modules}
+            folded = set(self._folded.values())
+            self._hooks = ([(m, response[n]) for n, m in self._response_modules
+                            if n not in folded]
+                           + [(m, self._add_hook(b, response.get(self._folded.get(b, ""))))
+                              for b, m in self._adds]
                            + [(m, self._block_hook(n)) for n, m in self._blocks])
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._start_hook))
@@ -298,13 +317,15 @@ class Probe:
 
     def _running_vars(self) -> torch.Tensor | None:
         try:
-            return torch.cat([m.running_var for _, m in self._bn_all])
-        except (RuntimeError, TypeError):  # BatchNorms on several devices, a removed buffer
+            # (_buffers: no Module.__getattr__ call per BatchNorm; this runs twice a forward)
+            return torch.cat([m._buffers["running_var"] for _, m in self._bn_all])
+        except (RuntimeError, TypeError, KeyError):  # several devices, a removed buffer
             return None
 
     def _start_hook(self, module, args):
         # Per-forward state starts afresh, whatever an earlier (maybe failed) forward left.
         self._reset_forward()
+        self._traced = torch.compiler.is_compiling()
         self._in_forward = self._recording()
         self._bn_start = self._running_vars() if self._in_forward and self._bn_all else None
         if self._in_forward:
@@ -344,13 +365,23 @@ class Probe:
         key_std, key_grad = (name, "response_std"), (name, "response_grad_norm")
         exact_bn = name in self._bn_index
 
-        def grad_hook(g):
+        sums = self._sums
+
+        def node_hook(grads):
+            # A pre-hook of the autograd node that made the response (its output 0): receives
+            # the gradient a tensor hook would, for less work per call and per registration.
+            g = grads[0]
+            if g is None:
+                return
             # The kernels only read memory: no detach() (a new tensor object) needed.
-            col = self._run_sq(g)
+            col = None if self.fused is False else sums.sq(g)
             if col is not None:
                 self._put_cols(key_grad, (col,))
             else:
                 self._put(key_grad, M.grad_norm(g.detach()))
+
+        def grad_hook(g):  # the same as a tensor hook (under torch.compile)
+            node_hook((g,))
 
         def hook(module, args, out):
             if not self._recording() or not isinstance(out, torch.Tensor):
@@ -368,18 +399,25 @@ class Probe:
                 self._drop_bn(name)
                 self._put(key_std, M.response_std(out.detach()))
             if out.requires_grad:
-                out.register_hook(grad_hook)
+                node = out.grad_fn
+                if node is not None and out.output_nr == 0 and not self._traced:
+                    node.register_prehook(node_hook)
+                else:
+                    out.register_hook(grad_hook)
             return None
         return hook
 
-    def _add_hook(self, block: str):
+    def _add_hook(self, block: str, bn2_hook=None):
         key_res, relu_block = (block, "residual_stats"), block in self._relu_blocks
+        bn2 = self.model.get_submodule(self._folded[block]) if bn2_hook is not None else None
 
         def hook(module, args, out):
             if not self._recording() or len(args) != 2:
                 return None
             self._block_sums.pop(block, None)
             f, s = args
+            if bn2_hook is not None:  # F is the output of the block's bn2 (see _folded)
+                bn2_hook(bn2, (), f)
             if not (isinstance(f, torch.Tensor) and isinstance(s, torch.Tensor)
                     and isinstance(out, torch.Tensor)):
                 return None
@@ -451,9 +489,9 @@ class Probe:
         for start, end, run in forwards:
             mods = [self._bn_all[self._bn_index[n]][1] for n in run]
             # Momentum, eps, sizes and device are read every time: a user may change them.
-            layout = tuple((m.running_var.numel(), count, float(m.momentum), float(m.eps),
-                            m.running_var.device) for m, count in zip(mods, run.values(),
-                                                                      strict=True))
+            layout = tuple((rv.numel(), count, float(m.momentum), float(m.eps), rv.device)
+                           for m, rv, count in zip(mods, [m._buffers["running_var"] for m in mods],
+                                                   run.values(), strict=True))
             key = (tuple(run), layout)
             consts = self._bn_consts.get(key)
             if consts is None:
@@ -543,14 +581,8 @@ class Probe:
         metrics: list[str] = []
         parts: list[torch.Tensor] = []
         if self._param_modules:
-            params = [p for _, m in self._param_modules for p in _direct_params(m)]
-            device = params[0].device
+            params = self._params()
             n = len(self._param_modules)
-            if self._owner is None or self._owner.device != device:
-                owner = torch.tensor([i for i, (_, m) in enumerate(self._param_modules)
-                                      for _ in _direct_params(m)], device=device)
-                # The gradients' modules 0..n-1, then the parameters' n..2n-1: one call for both.
-                self._owner = torch.cat((owner, owner + n))
             with torch.no_grad():  # (the parameters are only read: no detach needed)
                 norms = self._module_norms([p.grad for p in params] + params, 2 * n)
             g, w = norms[:n], norms[n:]
@@ -593,6 +625,36 @@ class Probe:
             values = torch.zeros(0)
         depths = [self._depth[n] for n in layers]
         return PendingFrame(values, layers, depths, metrics)
+
+    def _params(self) -> list[nn.Parameter]:
+        """The measured modules' own parameters, module by module, each once per module; sets
+        ``self._owner`` (their module indices, gradients then parameters) when they change."""
+        params = [p for _, m in self._param_modules for p in m._parameters.values()
+                  if p is not None]
+        ids = tuple(map(id, params))  # C calls only: the common case repeats the last step's
+        device = params[0].device if params else None
+        if ids != self._param_ids or self._owner.device != device:
+            keep: list[int] = []
+            owner: list[int] = []
+            i = 0
+            for index, (_, m) in enumerate(self._param_modules):
+                seen: set[int] = set()
+                for p in m._parameters.values():
+                    if p is None:
+                        continue
+                    if id(p) not in seen:  # one registered under two names counts once
+                        seen.add(id(p))
+                        keep.append(i)
+                        owner.append(index)
+                    i += 1
+            where = torch.tensor(owner, dtype=torch.long, device=device)
+            # The gradients' modules 0..n-1, then the parameters' n..2n-1: one call for both.
+            self._owner = torch.cat((where, where + len(self._param_modules)))
+            self._param_keep = None if len(keep) == len(params) else keep
+            self._param_ids = ids
+        if self._param_keep is not None:
+            params = [params[i] for i in self._param_keep]
+        return params
 
     def _module_norms(self, tensors: list[torch.Tensor | None], n: int) -> torch.Tensor:
         """Per-module L2 norms of the gradients and the parameters (``tensors``; a missing
