@@ -490,8 +490,9 @@ def test_probe_works_on_any_module_and_user_residual_blocks() -> None:
 
 
 def test_layer_norms_follow_parameters_replaced_removed_or_registered_twice() -> None:
-    """The probe caches which parameters it reads (by identity); a parameter replaced, removed
-    or registered under a second name between steps is read as it is now, once per module."""
+    """The probe caches which parameters it reads (keyed by identity); a parameter replaced,
+    removed, added or registered under a second name between steps is read as it is now, once
+    per module."""
 
     class Twice(nn.Module):  # one parameter under two names: counted once, as parameters() does
         def __init__(self) -> None:
@@ -517,13 +518,15 @@ def test_layer_norms_follow_parameters_replaced_removed_or_registered_twice() ->
             assert math.isclose(g[name], want_g, rel_tol=1e-5, abs_tol=1e-12), name
 
     with Probe(model) as probe:
-        for change in ("none", "replace", "remove", "twice", "none"):
+        for change in ("none", "replace", "remove", "twice", "unused", "none"):
             if change == "replace":
                 model[0].weight = nn.Parameter(torch.randn(6, 4))
             elif change == "remove":
                 model[2].bias = None
             elif change == "twice":
                 model[0].again = model[0].weight
+            elif change == "unused":  # no gradient: its module's grad_norm leaves it out
+                model[2].extra = nn.Parameter(torch.ones(5))
             model.zero_grad(set_to_none=True)
             step(model, x, y)
             check(probe.collect())

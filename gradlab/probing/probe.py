@@ -173,10 +173,12 @@ class Probe:
                         and isinstance(getattr(m, "bn2", None), _BatchNorm)}
         self._order: list[str] | None = None
         self._depth: dict[str, int] = {}
-        # snapshot(): the parameters' ids as last gathered, the ones kept (None: all; a module
-        # holding one parameter under two names counts it once) and their modules' indices.
-        self._param_ids: tuple[int, ...] | None = None
-        self._param_keep: list[int] | None = None
+        # snapshot(): the key of the parameter slots as last gathered (see _params), the slots
+        # read (a module holding one parameter under two names counts it once), their modules'
+        # indices, and those on the device (gradients' modules, then the parameters').
+        self._param_key: tuple | None = None
+        self._param_keep: list[int] = []
+        self._param_owner: list[int] = []
         self._owner: torch.Tensor | None = None
         # Whether the last forward of the model was traced by torch.compile (the grad hooks
         # are then tensor hooks, which Dynamo supports, instead of autograd-node pre-hooks).
@@ -629,31 +631,32 @@ class Probe:
     def _params(self) -> list[nn.Parameter]:
         """The measured modules' own parameters, module by module, each once per module; sets
         ``self._owner`` (their module indices, gradients then parameters) when they change."""
-        params = [p for _, m in self._param_modules for p in m._parameters.values()
-                  if p is not None]
-        ids = tuple(map(id, params))  # C calls only: the common case repeats the last step's
-        device = params[0].device if params else None
-        if ids != self._param_ids or self._owner.device != device:
+        dicts = [m._parameters for _, m in self._param_modules]
+        slots = [p for d in dicts for p in d.values()]
+        # Identities (None included) and per-module counts fix which slots to read and their
+        # modules; C calls only, and the common case repeats the last step's key.
+        key = (tuple(map(id, slots)), tuple(map(len, dicts)))
+        if key != self._param_key:
             keep: list[int] = []
             owner: list[int] = []
             i = 0
-            for index, (_, m) in enumerate(self._param_modules):
+            for index, d in enumerate(dicts):
                 seen: set[int] = set()
-                for p in m._parameters.values():
-                    if p is None:
-                        continue
-                    if id(p) not in seen:  # one registered under two names counts once
+                for p in d.values():
+                    if p is not None and id(p) not in seen:  # one under two names: once
                         seen.add(id(p))
                         keep.append(i)
                         owner.append(index)
                     i += 1
-            where = torch.tensor(owner, dtype=torch.long, device=device)
+            self._param_keep, self._param_owner = keep, owner
+            self._param_key = key
+            self._owner = None
+        params = [slots[i] for i in self._param_keep]
+        device = params[0].device if params else torch.device("cpu")
+        if self._owner is None or self._owner.device != device:
+            where = torch.tensor(self._param_owner, dtype=torch.long, device=device)
             # The gradients' modules 0..n-1, then the parameters' n..2n-1: one call for both.
-            self._owner = torch.cat((where, where + len(self._param_modules)))
-            self._param_keep = None if len(keep) == len(params) else keep
-            self._param_ids = ids
-        if self._param_keep is not None:
-            params = [params[i] for i in self._param_keep]
+            self._owner = torch.cat((where, where + len(dicts)))
         return params
 
     def _module_norms(self, tensors: list[torch.Tensor | None], n: int) -> torch.Tensor:
