@@ -39,7 +39,10 @@ uses the eager formulas.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import itertools
+import operator
 import os
 import platform
 import shutil
@@ -69,6 +72,12 @@ _FLAG_SETS = (
 )
 
 
+_T = torch.Tensor
+_dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
+_channels_last = functools.partial(_T.is_contiguous, memory_format=torch.channels_last)
+
+
 def dense_per_sample(t: torch.Tensor) -> bool:
     """Whether ``t`` is a non-empty float32/bf16 CPU tensor whose samples are contiguous ranges
     of its memory (NCHW- or channels_last-contiguous), as the kernels require."""
@@ -76,14 +85,36 @@ def dense_per_sample(t: torch.Tensor) -> bool:
     # interpreter's data is out of cache): the common case takes the fewest calls.
     if t.dtype not in _SUFFIX or not t.is_cpu:
         return False
-    if not t.is_contiguous():
-        ndim = t.ndim
-        if not (ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)
-                or ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)):
-            return False
+    if not (_channels_last(t) or t.is_contiguous() or _dense_nhwc(t)):
+        return False
     # A ZeroTensor has no memory behind it; a negative view's values are not what is stored.
     return (t.numel() != 0 and t.ndim != 0 and t.data_ptr() != 0 and not t.is_neg()
             and not t._is_zerotensor())
+
+
+def _dense_nhwc(t: torch.Tensor) -> bool:
+    """channels_last(_3d)-contiguous (for a tensor that is not NCHW-contiguous)."""
+    ndim = t.ndim
+    return (ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            or ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def _dense_blocks(tensors: list[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether every tensor is a CPU tensor of ``dtype`` whose elements fill one block of memory
+    (contiguous or channels_last(_3d)-contiguous; not a ZeroTensor or a negative view), so its
+    ``numel()`` elements from ``data_ptr()`` are all and only its values (in some order).
+
+    For the many tensors of ``sq_list`` (a model's parameters and gradients: hundreds per logged
+    step): each property is read for all tensors by ``map`` with C callables, without a Python
+    call per tensor; only tensors that are not NCHW-contiguous are looked at one by one.
+    """
+    if set(map(_dtype_of, tensors)) != {dtype} or not all(map(_is_cpu, tensors)):
+        return False
+    if any(map(_T.is_neg, tensors)) or any(map(_T._is_zerotensor, tensors)):
+        return False
+    rest = list(itertools.compress(tensors, map(operator.not_, map(_T.is_contiguous, tensors))))
+    # (channels_last conv weights and their gradients; then any 5-d one, one by one)
+    return all(map(_channels_last, rest)) or all(map(_dense_nhwc, rest))
 
 
 def _cache_dir() -> Path:
@@ -219,18 +250,19 @@ class Kernels:
 
     def sq_list(self, tensors: list[torch.Tensor]) -> torch.Tensor | None:
         """``||t||^2`` of each tensor (float64, shape (len,)) in one call, or None when the
-        kernels cannot take them all (one dtype, float32/bf16, dense, CPU; not traced)."""
+        kernels cannot take them all (one dtype, float32/bf16, CPU, each one dense block of
+        memory: contiguous, or channels_last(_3d)-contiguous; not traced)."""
         if not tensors or torch.compiler.is_compiling():
             return None
         dtype = tensors[0].dtype
-        if not all(t.dtype == dtype and dense_per_sample(t) for t in tensors):
+        if dtype not in _SUFFIX or not _dense_blocks(tensors, dtype):
             return None
         fn = self.fn("sqlist", dtype)
         if fn is None:
             return None
         count = len(tensors)
-        ptrs = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
-        sizes = (ctypes.c_int64 * count)(*[t.numel() for t in tensors])
+        ptrs = (ctypes.c_void_p * count)(*map(_T.data_ptr, tensors))
+        sizes = (ctypes.c_int64 * count)(*map(_T.numel, tensors))
         out = torch.empty(count, dtype=torch.float64)
         fn(ptrs, sizes, count, out.data_ptr(), torch.get_num_threads())
         return out
@@ -322,7 +354,12 @@ class SumTable:
 
     def sq(self, t: torch.Tensor) -> int | None:
         """``run("sq", t)``, the probe's most frequent call (every response gradient)."""
-        if torch.compiler.is_compiling() or not dense_per_sample(t):
+        # = dense_per_sample(t) in one frame fewer: this runs mid-backward, 56 times per
+        # resnet56 step, where each Python-level call is slow (the interpreter is out of cache).
+        if (t.dtype not in _SUFFIX or not t.is_cpu or torch.compiler.is_compiling()
+                or not (_channels_last(t) or t.is_contiguous() or _dense_nhwc(t))
+                or not t.ndim or not t.numel()
+                or not t.data_ptr() or t.is_neg() or t._is_zerotensor()):
             return None
         return self._launch("sq", t, None)
 

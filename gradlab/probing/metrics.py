@@ -111,10 +111,13 @@ def bn_response_stds(bns: list, before: torch.Tensor, after: torch.Tensor,
     if k.select is not None:
         before, after = before.index_select(0, k.select), after.index_select(0, k.select)
     before, after = before.float(), after.float()
-    gamma = torch.cat([bn.weight.detach() if bn.weight is not None
-                       else torch.ones_like(bn.running_var) for bn in bns]).float()
-    beta = torch.cat([bn.bias.detach() if bn.bias is not None
-                      else torch.zeros_like(bn.running_var) for bn in bns]).float()
+    with torch.no_grad():  # read through the dicts: no Module.__getattr__ call per BatchNorm
+        gamma = torch.cat([w if (w := bn._parameters.get("weight")) is not None
+                           else torch.ones_like(bn._buffers["running_var"])
+                           for bn in bns]).float()
+        beta = torch.cat([b if (b := bn._parameters.get("bias")) is not None
+                          else torch.zeros_like(bn._buffers["running_var"])
+                          for bn in bns]).float()
     n_bn = k.channels.numel()
     var = ((after - (1 - k.momentum) * before) / k.momentum * ((k.count - 1) / k.count))
     var = var.clamp_min(0)

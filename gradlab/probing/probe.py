@@ -25,6 +25,8 @@ from gradlab.probing.fused import kernels as _kernels
 
 __all__ = ["Probe", "PendingFrame"]
 
+_grad_enabled = torch.is_grad_enabled
+
 
 @dataclass
 class PendingFrame:
@@ -338,17 +340,22 @@ class Probe:
         if self._bn_start is not None and run and out is not None:
             end = self._running_vars()
             if end is not None:
-                for n in run:  # this forward's values replace earlier ones
-                    self._drop_bn(n)
+                self._drop_bn(*run)  # this forward's values replace earlier ones
                 self._bn_forwards.append((self._bn_start, end, run))
         self._bn_start = None
         return None
 
-    def _drop_bn(self, name: str) -> None:
-        self._store.pop((name, "response_std"), None)
-        for _, _, run in self._bn_forwards:
-            run.pop(name, None)
-        self._bn_forwards = [f for f in self._bn_forwards if f[2]]
+    def _drop_bn(self, *names: str) -> None:
+        """Forget earlier response_std values of these BatchNorms (a later pass replaces them)."""
+        store = self._store
+        if store:
+            for name in names:
+                store.pop((name, "response_std"), None)
+        if self._bn_forwards:
+            for _, _, run in self._bn_forwards:
+                for name in names:
+                    run.pop(name, None)
+            self._bn_forwards = [f for f in self._bn_forwards if f[2]]
 
     def _compact(self) -> None:
         """Keep the table of sums bounded when forwards repeat without a snapshot (each one's
@@ -383,7 +390,8 @@ class Probe:
             node_hook((g,))
 
         def hook(module, args, out):
-            if not self._recording() or not isinstance(out, torch.Tensor):
+            # (= self._recording(), one call fewer: every hook runs mid-step)
+            if not (self._enabled and _grad_enabled()) or not isinstance(out, torch.Tensor):
                 return None
             bn_run = self._bn_run
             if (exact_bn and self._bn_start is not None and name not in bn_run
@@ -411,7 +419,7 @@ class Probe:
         bn2 = self.model.get_submodule(self._folded[block]) if bn2_hook is not None else None
 
         def hook(module, args, out):
-            if not self._recording() or len(args) != 2:
+            if not (self._enabled and _grad_enabled()) or len(args) != 2:
                 return None
             self._block_sums.pop(block, None)
             f, s = args
@@ -454,7 +462,8 @@ class Probe:
         key_gap = (name, "identity_gap")
 
         def hook(module, args, out):
-            if not self._recording() or not args or not isinstance(out, torch.Tensor):
+            if (not (self._enabled and _grad_enabled()) or not args
+                    or not isinstance(out, torch.Tensor)):
                 return None
             x = args[0]
             cached = self._shortcut_norms.pop(name, None)
