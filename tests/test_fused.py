@@ -111,7 +111,9 @@ def test_layouts_the_kernels_cannot_read_are_refused() -> None:
     for why, t in bad.items():
         assert not dense_per_sample(t), why
         assert not kernels.usable(t), why
-        assert table.run("sq", t) is None and table.used == 0, why  # the probe's path
+        assert table.run("sq", t) is None and table.used == 0, why
+        assert table.sq(t) is None and table.used == 0, why  # the probe's paths
+        assert table.run2("pair", t, t) is None and table.used == 0, why
         with pytest.raises(ValueError, match="dense per sample"):
             kernels("sq", t)  # checked on every call: raw memory is never read on assumption
     nhwc = x.to(memory_format=torch.channels_last)
@@ -119,6 +121,9 @@ def test_layouts_the_kernels_cannot_read_are_refused() -> None:
     assert not kernels.usable(x, x.bfloat16())
     assert not kernels.usable(x, x[:2])
     assert table.run("pair", x, nhwc) is None and table.used == 0
+    for other in (nhwc, x.bfloat16(), x[:2], torch._neg_view(x), torch.empty_like(x, device="meta")):
+        assert table.run2("pair", x, other) is None and table.used == 0
+    assert table.run2("pair", torch._neg_view(x), x) is None and table.used == 0
     with pytest.raises(ValueError):
         kernels("pair", x, nhwc)
     with pytest.raises(ValueError):
@@ -152,8 +157,11 @@ def test_build_is_cached_per_cpu_and_failure_falls_back_once(tmp_path, monkeypat
     x = torch.randn(8, 5, 7, 7).bfloat16()
     table = SumTable()
     col = table.run("addrelu", x, x * 2)
-    torch.testing.assert_close(table.filled()[:, col: col + 4].T, reference("addrelu", x, x * 2),
-                               rtol=2e-6, atol=0)
+    col2 = table.run2("addrelu", x, x * 2)  # the probe's path: the same sums
+    sums = table.filled()
+    for c in (col, col2):
+        torch.testing.assert_close(sums[:, c: c + 4].T, reference("addrelu", x, x * 2),
+                                   rtol=2e-6, atol=0)
 
     # No compiler: one warning, then the eager formulas; fused=True refuses to attach.
     monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path / "other"))
@@ -338,6 +346,17 @@ def test_sq_list_matches_float64_and_refuses_what_it_cannot_read() -> None:
     assert kernels.sq_list([ts[0], ts[1].bfloat16()]) is None  # one dtype per call
     assert kernels.sq_list([ts[0], ts[0][:, ::2]]) is None  # not dense
     assert kernels.sq_list([]) is None
+    # Any tensor whose elements fill one block of memory is read, whatever its shape; one that
+    # does not, or whose stored values are not its values, makes the whole call refuse.
+    odd = [torch.tensor(3.0), torch.empty(0, 4), torch.randn(2, 3, 4, 5, 6, generator=g)
+           .contiguous(memory_format=torch.channels_last_3d), torch.randn(5, 7, generator=g).t()
+           .contiguous()]
+    got = kernels.sq_list(odd)
+    torch.testing.assert_close(got, torch.stack([t.double().square().sum() for t in odd]),
+                               rtol=2e-6, atol=0)
+    for bad in (ts[3].t(), torch._neg_view(ts[0]), torch.empty(3, device="meta"),
+                ts[0].transpose(1, 3)):
+        assert kernels.sq_list([ts[1], bad]) is None
 
 
 @pytest.mark.parametrize("fused_on", [True, False], ids=["kernels", "eager"])
@@ -383,5 +402,6 @@ def test_tensors_without_memory_and_wrong_arity_are_refused() -> None:
         kernels("sq", zero)
     table = SumTable()
     x = torch.randn(2, 16)
+    assert table.sq(zero) is None and table.run2("pair", x, zero) is None
     assert table.run("pair", x) is None and table.run("sq", x, x) is None and table.used == 0
     assert not kernels.usable()

@@ -363,6 +363,16 @@ class SumTable:
             return None
         return self._launch("sq", t, None)
 
+    def run2(self, name: str, a: torch.Tensor, b: torch.Tensor) -> int | None:
+        """``run(name, a, b)`` for a two-operand kernel in fewer calls (the add hook's path):
+        b is readable when it is a CPU tensor of a's dtype, shape and strides (a's layout)."""
+        if (b.dtype is not a.dtype or not b.is_cpu or b.shape != a.shape
+                or b.stride() != a.stride() or torch.compiler.is_compiling()
+                or not dense_per_sample(a) or b.is_neg() or b._is_zerotensor()
+                or not b.data_ptr()):
+            return None
+        return self._launch(name, a, b)
+
     def _launch(self, name: str, a: torch.Tensor, b: torch.Tensor | None) -> int | None:
         # Called from hooks mid-step, where each Python-level call costs: the common case
         # (kernels loaded, the table holds this batch size and has room) takes no helper.

@@ -9,6 +9,7 @@ per logged step.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from gradlab.probing.fused import kernels as _kernels
 __all__ = ["Probe", "PendingFrame"]
 
 _grad_enabled = torch.is_grad_enabled
+_numel = torch.Tensor.numel
+_momentum, _eps, _device = (operator.attrgetter(a) for a in ("momentum", "eps", "device"))
 
 
 @dataclass
@@ -171,6 +174,7 @@ class Probe:
                         and isinstance(getattr(m, "bn2", None), _BatchNorm)}
         self._order: list[str] | None = None
         self._depth: dict[str, int] = {}
+        self._depths_of: tuple[tuple[str, ...], list[int]] = ((), [])  # the last rows' depths
         # snapshot(): the key of the parameter slots as last gathered (see _params), the slots
         # read (a module holding one parameter under two names counts it once), their modules'
         # indices, and those on the device (gradients' modules, then the parameters').
@@ -283,22 +287,9 @@ class Probe:
     def _recording(self) -> bool:
         return self._enabled and torch.is_grad_enabled()
 
-    def _known_sq(self, t: torch.Tensor) -> int | None:
-        """Column of per-sample ||t||^2 if t is the last gradlab block's output, unchanged."""
-        if self._out_sq is None:
-            return None
-        ref, version, col = self._out_sq
-        return col if ref() is t and t._version == version else None
-
-    def _run(self, name: str, *tensors: torch.Tensor) -> int | None:
-        """Kernel ``name`` into this step's table of sums: its first column, or None when the
-        kernels cannot take the tensors (then the caller's eager formula is used)."""
-        if self.fused is False:
-            return None
-        return self._sums.run(name, *tensors)
-
     def _run_sq(self, t: torch.Tensor) -> int | None:
-        """``_run("sq", t)`` in fewer calls (the hooks run mid-step, where each costs)."""
+        """Column of per-sample ||t||^2 in this step's table of sums, or None when the kernels
+        cannot take t (then the caller's eager formula is used)."""
         return None if self.fused is False else self._sums.sq(t)
 
     def _put(self, key: tuple[str, str], value: torch.Tensor) -> None:
@@ -381,8 +372,10 @@ class Probe:
             # = self._run_sq(g), one call fewer (56 per resnet56 backward). The kernels only
             # read memory: no detach() (a new tensor object) needed.
             col = None if self.fused is False else sums.sq(g)
-            if col is not None:
-                self._put_cols(key_grad, (col,))
+            if col is not None:  # (= self._put_cols(key_grad, (col,)), one call fewer)
+                self._cols[key_grad] = (col,)
+                if self._store:
+                    self._store.pop(key_grad, None)
             else:
                 self._put(key_grad, M.grad_norm(g.detach()))
 
@@ -417,6 +410,7 @@ class Probe:
     def _add_hook(self, block: str, bn2_hook=None):
         key_res, relu_block = (block, "residual_stats"), block in self._relu_blocks
         bn2 = self.model.get_submodule(self._folded[block]) if bn2_hook is not None else None
+        sums = self._sums
 
         def hook(module, args, out):
             if not (self._enabled and _grad_enabled()) or len(args) != 2:
@@ -434,10 +428,12 @@ class Probe:
                 # previous block's pass when s is its output (identity shortcut), else from one
                 # pass over s; <F, s> = <F, t> - ||F||^2, as in the eager path: t's rounding
                 # (bf16) then enters only as <F, dt>, small next to ||F|| ||s|| also when F is.
-                ss = self._known_sq(s)
-                if ss is None:
-                    ss = self._run_sq(s)
-                col = self._run("addrelu", f, t) if ss is not None else None
+                # s is the last gradlab block's output, unchanged: its ||s||^2 is known.
+                last = self._out_sq
+                ss = (last[2] if last is not None and last[0]() is s and s._version == last[1]
+                      else self._run_sq(s))
+                col = (sums.run2("addrelu", f, t) if ss is not None and self.fused is not False
+                       else None)
                 if col is not None:  # columns ||F||^2, <F, t>, ||relu t||^2, ||relu t - s||^2
                     self._put_cols(key_res, (col, ss, col + 1))
                     # For the block's hook, which follows: identity_gap is ||relu t - s|| /
@@ -445,7 +441,7 @@ class Probe:
                     self._block_sums[block] = (s, col + 3, ss, col + 2)
                     return None
             else:
-                col = self._run("pair", f, s)
+                col = sums.run2("pair", f, s) if self.fused is not False else None
                 if col is not None:  # columns ||F||^2, ||s||^2, <F, s>, (unused)
                     self._put_cols(key_res, (col, col + 1, col + 2))
                     return None
@@ -477,7 +473,7 @@ class Probe:
                     return None
             if not isinstance(x, torch.Tensor) or x.shape != out.shape:
                 return None
-            col = self._run("gap", out, x)
+            col = self._sums.run2("gap", out, x) if self.fused is not False else None
             if col is not None:  # columns ||h - x||^2, ||x||^2
                 self._put_cols(key_gap, (col, col + 1))
                 return None
@@ -496,13 +492,15 @@ class Probe:
         parts: list[torch.Tensor] = []
         for start, end, run in forwards:
             mods = [self._bn_all[self._bn_index[n]][1] for n in run]
-            # Momentum, eps, sizes and device are read every time: a user may change them.
-            layout = tuple((rv.numel(), count, float(m.momentum), float(m.eps), rv.device)
-                           for m, rv, count in zip(mods, [m._buffers["running_var"] for m in mods],
-                                                   run.values(), strict=True))
-            key = (tuple(run), layout)
+            # Momentum, eps, sizes and device are read every time: a user may change them
+            # (by map with C callables: no Python call per BatchNorm).
+            rvs = [m._buffers["running_var"] for m in mods]
+            key = (tuple(run), tuple(map(_numel, rvs)), tuple(run.values()),
+                   tuple(map(_momentum, mods)), tuple(map(_eps, mods)), tuple(map(_device, rvs)))
             consts = self._bn_consts.get(key)
             if consts is None:
+                layout = tuple((c, n, float(m), float(e), d)
+                               for c, n, m, e, d in zip(*key[1:], strict=True))
                 if len(self._bn_consts) > 16:
                     self._bn_consts.clear()
                 offsets = [0]
@@ -631,8 +629,10 @@ class Probe:
             values = torch.cat([p.to(device) for p in parts])
         else:
             values = torch.zeros(0)
-        depths = [self._depth[n] for n in layers]
-        return PendingFrame(values, layers, depths, metrics)
+        key = tuple(layers)
+        if key != self._depths_of[0]:  # the rows repeat from step to step
+            self._depths_of = (key, [self._depth[n] for n in layers])
+        return PendingFrame(values, layers, list(self._depths_of[1]), metrics)
 
     def _params(self) -> list[nn.Parameter]:
         """The measured modules' own parameters, module by module, each once per module; sets
