@@ -121,7 +121,8 @@ def test_layouts_the_kernels_cannot_read_are_refused() -> None:
     assert not kernels.usable(x, x.bfloat16())
     assert not kernels.usable(x, x[:2])
     assert table.run("pair", x, nhwc) is None and table.used == 0
-    for other in (nhwc, x.bfloat16(), x[:2], torch._neg_view(x), torch.empty_like(x, device="meta")):
+    meta = torch.empty_like(x, device="meta")
+    for other in (nhwc, x.bfloat16(), x[:2], torch._neg_view(x), meta):
         assert table.run2("pair", x, other) is None and table.used == 0
     assert table.run2("pair", torch._neg_view(x), x) is None and table.used == 0
     with pytest.raises(ValueError):

@@ -106,7 +106,8 @@ def _dense_blocks(tensors: list[torch.Tensor], dtype: torch.dtype) -> bool:
 
     For the many tensors of ``sq_list`` (a model's parameters and gradients: hundreds per logged
     step): each property is read for all tensors by ``map`` with C callables, without a Python
-    call per tensor; only tensors that are not NCHW-contiguous are looked at one by one.
+    call per tensor; those that are not NCHW-contiguous are checked for channels_last the same
+    way, and only if one of them is not, one by one (5-d layouts).
     """
     if set(map(_dtype_of, tensors)) != {dtype} or not all(map(_is_cpu, tensors)):
         return False
