@@ -18,9 +18,9 @@ The kernels (``K`` per-sample sums each, returned as a float64 tensor of shape `
   computed, still in cache; s is not read again.
 
 Plus ``Kernels.sq_list``: ||t||^2 of each of many tensors (a model's parameters, or their
-gradients) in one call. The probe's hooks use :meth:`SumTable.run` (and :meth:`SumTable.sq`, the
-same for the one-tensor kernel in fewer calls), which writes a kernel's sums into the step's
-table without creating a tensor.
+gradients) in one call. The probe's hooks use :meth:`SumTable.sq` and :meth:`SumTable.run2` (what
+:meth:`SumTable.run` does for one and two operands, in fewer calls), which write a kernel's sums
+into the step's table without creating a tensor.
 
 When: CPU tensors of float32 or bfloat16 laid out densely per sample (NCHW- or
 channels_last-contiguous), not while ``torch.compile`` traces the model (Inductor fuses the
@@ -346,15 +346,16 @@ class SumTable:
         cannot take these tensors (layout, dtype, device, tracing, no build, another batch
         size), in which case nothing is written and the caller computes eagerly.
 
-        The probe's hot path: one layout check, no tensor created, one C call.
+        No tensor is created: one layout check and one C call, by :meth:`sq` or :meth:`run2`
+        (which the probe's hooks call directly).
         """
-        if (not _takes(name, tensors) or torch.compiler.is_compiling()
-                or not _layout_ok(tensors)):
+        if not _takes(name, tensors):
             return None
-        return self._launch(name, tensors[0], tensors[1] if len(tensors) == 2 else None)
+        return self.sq(tensors[0]) if name == "sq" else self.run2(name, *tensors)
 
     def sq(self, t: torch.Tensor) -> int | None:
-        """``run("sq", t)``, the probe's most frequent call (every response gradient)."""
+        """Kernel ``sq`` on t into the next column (see :meth:`run`): the probe's most frequent
+        call (every response gradient)."""
         # = dense_per_sample(t) in one frame fewer: this runs mid-backward, 56 times per
         # resnet56 step, where each Python-level call is slow (the interpreter is out of cache).
         if (t.dtype not in _SUFFIX or not t.is_cpu or torch.compiler.is_compiling()
@@ -365,8 +366,9 @@ class SumTable:
         return self._launch("sq", t, None)
 
     def run2(self, name: str, a: torch.Tensor, b: torch.Tensor) -> int | None:
-        """``run(name, a, b)`` for a two-operand kernel in fewer calls (the add hook's path):
-        b is readable when it is a CPU tensor of a's dtype, shape and strides (a's layout)."""
+        """Two-operand kernel ``name`` on a and b into the next columns (see :meth:`run`): a is
+        checked in full, b against a (a CPU tensor with a's dtype, shape and strides, so a's
+        layout, with memory behind it and its stored values its values)."""
         if (b.dtype is not a.dtype or not b.is_cpu or b.shape != a.shape
                 or b.stride() != a.stride() or torch.compiler.is_compiling()
                 or not dense_per_sample(a) or b.is_neg() or b._is_zerotensor()
