@@ -356,23 +356,13 @@ class SumTable:
     def sq(self, t: torch.Tensor) -> int | None:
         """Kernel ``sq`` on t into the next column (see :meth:`run`): the probe's most frequent
         call (every response gradient)."""
-        # = dense_per_sample(t) in one frame fewer: this runs mid-backward, 56 times per
-        # resnet56 step, where each Python-level call is slow (the interpreter is out of cache).
-        if (t.dtype not in _SUFFIX or not t.is_cpu or torch.compiler.is_compiling()
-                or not (_channels_last(t) or t.is_contiguous() or _dense_nhwc(t))
-                or not t.ndim or not t.numel()
-                or not t.data_ptr() or t.is_neg() or t._is_zerotensor()):
+        if torch.compiler.is_compiling() or not dense_per_sample(t):
             return None
         return self._launch("sq", t, None)
 
     def run2(self, name: str, a: torch.Tensor, b: torch.Tensor) -> int | None:
-        """Two-operand kernel ``name`` on a and b into the next columns (see :meth:`run`): a is
-        checked in full, b against a (a CPU tensor with a's dtype, shape and strides, so a's
-        layout, with memory behind it and its stored values its values)."""
-        if (b.dtype is not a.dtype or not b.is_cpu or b.shape != a.shape
-                or b.stride() != a.stride() or torch.compiler.is_compiling()
-                or not dense_per_sample(a) or b.is_neg() or b._is_zerotensor()
-                or not b.data_ptr()):
+        """Two-operand kernel ``name`` on a and b into the next columns (see :meth:`run`)."""
+        if torch.compiler.is_compiling() or not _layout_ok((a, b)):
             return None
         return self._launch(name, a, b)
 
@@ -431,14 +421,18 @@ def _launch(fn, a: torch.Tensor, b: torch.Tensor | None, n: int, out_ptr: int, l
 
 
 def _layout_ok(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the kernels can read these tensors (at most two): the first dense per sample, the
+    second (if any) a CPU tensor of the first's dtype, shape and strides (so of its layout), with
+    memory behind it and its stored values its values."""
     first = tensors[0]
     if not dense_per_sample(first):
         return False
     if len(tensors) == 1:
         return True
-    second = tensors[1]  # the kernels take at most two
-    return (len(tensors) == 2 and dense_per_sample(second) and second.dtype == first.dtype
-            and second.shape == first.shape and second.stride() == first.stride())
+    second = tensors[1]
+    return (len(tensors) == 2 and second.dtype is first.dtype and second.is_cpu
+            and second.shape == first.shape and second.stride() == first.stride()
+            and second.data_ptr() != 0 and not second.is_neg() and not second._is_zerotensor())
 
 
 #: Process-wide kernels (they hold no model state).

@@ -26,7 +26,6 @@ from gradlab.probing.fused import kernels as _kernels
 
 __all__ = ["Probe", "PendingFrame"]
 
-_grad_enabled = torch.is_grad_enabled
 _numel = torch.Tensor.numel
 _momentum, _eps, _device = (operator.attrgetter(a) for a in ("momentum", "eps", "device"))
 
@@ -287,6 +286,18 @@ class Probe:
     def _recording(self) -> bool:
         return self._enabled and torch.is_grad_enabled()
 
+    def _known_sq(self, t: torch.Tensor) -> int | None:
+        """Column of per-sample ||t||^2 if t is the last gradlab block's output, unchanged."""
+        if self._out_sq is None:
+            return None
+        ref, version, col = self._out_sq
+        return col if ref() is t and t._version == version else None
+
+    def _run2(self, name: str, a: torch.Tensor, b: torch.Tensor) -> int | None:
+        """Two-operand kernel ``name`` into this step's table of sums: its first column, or None
+        when the kernels cannot take a and b (then the caller's eager formula is used)."""
+        return None if self.fused is False else self._sums.run2(name, a, b)
+
     def _run_sq(self, t: torch.Tensor) -> int | None:
         """Column of per-sample ||t||^2 in this step's table of sums, or None when the kernels
         cannot take t (then the caller's eager formula is used)."""
@@ -372,10 +383,8 @@ class Probe:
             # = self._run_sq(g), one call fewer (56 per resnet56 backward). The kernels only
             # read memory: no detach() (a new tensor object) needed.
             col = None if self.fused is False else sums.sq(g)
-            if col is not None:  # (= self._put_cols(key_grad, (col,)), one call fewer)
-                self._cols[key_grad] = (col,)
-                if self._store:
-                    self._store.pop(key_grad, None)
+            if col is not None:
+                self._put_cols(key_grad, (col,))
             else:
                 self._put(key_grad, M.grad_norm(g.detach()))
 
@@ -383,8 +392,7 @@ class Probe:
             node_hook((g,))
 
         def hook(module, args, out):
-            # (= self._recording(), one call fewer: every hook runs mid-step)
-            if not (self._enabled and _grad_enabled()) or not isinstance(out, torch.Tensor):
+            if not self._recording() or not isinstance(out, torch.Tensor):
                 return None
             bn_run = self._bn_run
             if (exact_bn and self._bn_start is not None and name not in bn_run
@@ -410,10 +418,9 @@ class Probe:
     def _add_hook(self, block: str, bn2_hook=None):
         key_res, relu_block = (block, "residual_stats"), block in self._relu_blocks
         bn2 = self.model.get_submodule(self._folded[block]) if bn2_hook is not None else None
-        sums = self._sums
 
         def hook(module, args, out):
-            if not (self._enabled and _grad_enabled()) or len(args) != 2:
+            if not self._recording() or len(args) != 2:
                 return None
             self._block_sums.pop(block, None)
             f, s = args
@@ -428,12 +435,10 @@ class Probe:
                 # previous block's pass when s is its output (identity shortcut), else from one
                 # pass over s; <F, s> = <F, t> - ||F||^2, as in the eager path: t's rounding
                 # (bf16) then enters only as <F, dt>, small next to ||F|| ||s|| also when F is.
-                # s is the last gradlab block's output, unchanged: its ||s||^2 is known.
-                last = self._out_sq
-                ss = (last[2] if last is not None and last[0]() is s and s._version == last[1]
-                      else self._run_sq(s))
-                col = (sums.run2("addrelu", f, t) if ss is not None and self.fused is not False
-                       else None)
+                ss = self._known_sq(s)
+                if ss is None:
+                    ss = self._run_sq(s)
+                col = self._run2("addrelu", f, t) if ss is not None else None
                 if col is not None:  # columns ||F||^2, <F, t>, ||relu t||^2, ||relu t - s||^2
                     self._put_cols(key_res, (col, ss, col + 1))
                     # For the block's hook, which follows: identity_gap is ||relu t - s|| /
@@ -441,7 +446,7 @@ class Probe:
                     self._block_sums[block] = (s, col + 3, ss, col + 2)
                     return None
             else:
-                col = sums.run2("pair", f, s) if self.fused is not False else None
+                col = self._run2("pair", f, s)
                 if col is not None:  # columns ||F||^2, ||s||^2, <F, s>, (unused)
                     self._put_cols(key_res, (col, col + 1, col + 2))
                     return None
@@ -458,8 +463,7 @@ class Probe:
         key_gap = (name, "identity_gap")
 
         def hook(module, args, out):
-            if (not (self._enabled and _grad_enabled()) or not args
-                    or not isinstance(out, torch.Tensor)):
+            if not self._recording() or not args or not isinstance(out, torch.Tensor):
                 return None
             x = args[0]
             cached = self._shortcut_norms.pop(name, None)
@@ -473,7 +477,7 @@ class Probe:
                     return None
             if not isinstance(x, torch.Tensor) or x.shape != out.shape:
                 return None
-            col = self._sums.run2("gap", out, x) if self.fused is not False else None
+            col = self._run2("gap", out, x)
             if col is not None:  # columns ||h - x||^2, ||x||^2
                 self._put_cols(key_gap, (col, col + 1))
                 return None
