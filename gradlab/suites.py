@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a backport
+    import tomli as tomllib
 
 from gradlab.config import ConfigError, TrainConfig
 from gradlab.models import model_info
