@@ -19,8 +19,15 @@ choices that matter for the numbers, and why:
   are (an intersection-union test, which needs no correction: its p-value is the larger of the
   two); they are contradicted when *either* part's opposite is significant after Holm's correction
   over the parts (a union, which does need it).
-* **Effect sizes** come with a percentile bootstrap 95% CI (10,000 resamples, RNG seed 0, so a
-  report is reproducible), resampling runs or run pairs, never layers.
+* **Effect sizes** come with the two-sided 95% confidence interval of the model their test
+  assumes: Student's t for one-sample tests and depth trends, Welch's for two-sample
+  comparisons. So an interval never disagrees with its test: one that excludes no effect means
+  one-sided p < 0.025, and a p of 0.05 or more means an interval that includes it. (Percentile
+  bootstrap intervals, which earlier versions gave, cover far less than 95% with the 2-6 runs or
+  pairs a claim usually has.) Only the descriptive pooled Wilcoxon median, over hundreds of
+  (layer, seed) values, has a percentile bootstrap interval (10,000 resamples, RNG seed 0).
+* **Non-finite values** (a step skipped by ``--on-nonfinite skip`` logs its inf/NaN values) are
+  left out of every mean over steps, and each run where that happened is named in the notes.
 * **Eligible runs**: status ``completed``, at least ``MIN_LOGGED_STEPS`` logged steps after step
   0, the metric the claim needs, and a model with at least ``MIN_SEEDS`` seeds. Everything
   excluded is listed in the claim's notes.
@@ -137,8 +144,7 @@ _INFO = {
         "plain > shallower plain. Part 2: one-sided Welch t-test, deeper residual > shallower "
         "residual. Supported: part 1 significant (p < 0.05) and part 2 not. Contradicted: deeper "
         "plain significantly lower, or deeper residual significantly higher (Holm over the two). "
-        "Effect: difference of mean final loss (deeper - shallower), bootstrap 95% CI "
-        "resampling runs within each depth."),
+        "Effect: difference of mean final loss (deeper - shallower) with Welch's 95% CI."),
     "smaller-responses": (
         "Residual nets have smaller layer responses",
         "Residual nets' response_std is below plain nets' at matched layers, and falls with "
@@ -148,10 +154,11 @@ _INFO = {
         "excluded), final = mean over the last 10% of logged steps. Part 1: for each plainN/"
         "resnetN pair of the same seed, d = mean over matched layers (same name) of "
         "ln(std_resnet / std_plain); one-sided one-sample t-test of d < 0 over pairs. Effect: "
-        "geometric-mean ratio resnet/plain = exp(mean d). Part 2: per residual run, the mean "
+        "geometric-mean ratio resnet/plain = exp(mean d), 95% CI exp of d's t interval. "
+        "Part 2: per residual run, the mean "
         "response_std over those layers; least-squares slope of its log on depth, one-sided t-test "
         "of slope < 0 (with two depths this is the pooled two-sample t-test). Effect: the fitted "
-        "ratio deepest/shallowest, bootstrap CI resampling runs within each depth. Both parts "
+        "ratio deepest/shallowest, 95% CI from the slope's t interval (n - 2 df). Both parts "
         "must be significant (p < 0.05); contradicted if either opposite direction is (Holm "
         "over the two). The pooled Wilcoxon signed-rank test over all matched (layer, seed) "
         "pairs is shown as descriptive only (layers of one run are not independent)."),
@@ -163,10 +170,11 @@ _INFO = {
         "Final = mean over the last 10% of logged steps. Part 1: per residual run, m = median over "
         "its blocks of log10(residual_ratio) (m < 0 exactly when most blocks have ratio < 1); "
         "one-sided one-sample t-test of m < 0 over runs. Effect: 10^mean(m), the typical block's "
-        "ratio. Part 2: for each plainN/resnetN pair of the same seed, d = mean over matched "
-        "blocks (same name; identity_gap exists where a block keeps its shape) of "
-        "ln(gap_resnet / gap_plain); one-sided t-test of d < 0. Effect: exp(mean d). Both parts "
-        "must be significant; contradicted if either opposite is (Holm over the two)."),
+        "ratio (95% CI: 10^ of m's t interval). Part 2: for each plainN/resnetN pair of the same "
+        "seed, d = mean over matched blocks (same name; identity_gap exists where a block keeps "
+        "its shape) of ln(gap_resnet / gap_plain); one-sided t-test of d < 0. Effect: "
+        "exp(mean d), 95% CI exp of d's t interval. Both parts must be significant; "
+        "contradicted if either opposite is (Holm over the two)."),
     "gradient-flow": (
         "Gradients flow better through residual nets",
         "response_grad_norm decays (or explodes) through depth more in plain nets than in "
@@ -176,8 +184,9 @@ _INFO = {
         "the first 10% of training (step 0 included), regressed by least squares on the layer's "
         "rank in forward order; |slope| is the decay or growth in decades per layer. For each "
         "plainN/resnetN pair of the same seed, d = |slope_plain| - |slope_resnet|; one-sided "
-        "one-sample t-test of d > 0 over pairs. Effect: mean d (decades per layer), bootstrap 95% "
-        "CI. The slopes at init (step 0) and at the final step are listed too."),
+        "one-sample t-test of d > 0 over pairs. Effect: mean d (decades per layer) with its t "
+        "95% CI. Layers whose values there are not finite and positive are left out (keeping the "
+        "others' ranks). The slopes at init (step 0) and at the final step are listed too."),
 }
 
 
@@ -194,25 +203,31 @@ def _ci(samples: np.ndarray) -> tuple[float, float]:
     return (float(lo), float(hi))
 
 
-def boot_mean_ci(x: Sequence[float], transform: Callable[[np.ndarray], np.ndarray] = lambda v: v
-                 ) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of ``transform(mean(x))``, resampling the values of x."""
+def t_mean_ci(x: Sequence[float], transform: Callable[[np.ndarray], np.ndarray] = lambda v: v
+              ) -> tuple[float, float]:
+    """Two-sided 95% CI of ``transform(mean(x))`` by Student's t (the one-sample t-test's model):
+    mean +- t(0.975, n - 1) s / sqrt(n), through the increasing ``transform``."""
     x = np.asarray(x, dtype=float)
     if len(x) < 2:
         return (float("nan"), float("nan"))
-    idx = _rng().integers(0, len(x), (N_BOOT, len(x)))
-    return _ci(transform(x[idx].mean(axis=1)))
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    lo, hi = transform(np.array([x.mean() - half, x.mean() + half]))
+    return (float(lo), float(hi))
 
 
-def boot_diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of mean(a) - mean(b), resampling each group on its own."""
+def welch_diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Two-sided 95% CI of mean(a) - mean(b) by Welch's t (the Welch test's model), with the
+    Welch-Satterthwaite degrees of freedom."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         return (float("nan"), float("nan"))
-    rng = _rng()
-    ma = a[rng.integers(0, len(a), (N_BOOT, len(a)))].mean(axis=1)
-    mb = b[rng.integers(0, len(b), (N_BOOT, len(b)))].mean(axis=1)
-    return _ci(ma - mb)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    diff = a.mean() - b.mean()
+    if va + vb == 0:  # no spread at all: a zero-width interval, as t_mean_ci gives
+        return (float(diff), float(diff))
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = stats.t.ppf(0.975, df) * np.sqrt(va + vb)
+    return (float(diff - half), float(diff + half))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -253,12 +268,14 @@ def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]
 
 
 def _p(p: float) -> float:
-    # An undefined test (zero variance) is no evidence either way.
+    # An undefined test (NaN p: no spread and no effect) is no evidence either way.
     return float(p) if np.isfinite(p) else 1.0
 
 
-def _trend(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
-    """OLS slope of y on x with its t statistic: (slope, t, p slope < 0, p slope > 0).
+def _trend(x: np.ndarray, y: np.ndarray
+           ) -> tuple[float, float, float, float, tuple[float, float]]:
+    """OLS slope of y on x with its t statistic: (slope, t, p slope < 0, p slope > 0, two-sided
+    95% CI of the slope: slope +- t(0.975, n - 2) stderr).
 
     A parametric trend test rather than Spearman's rho: with two depths of three seeds each, a
     rank test can never reach p < 0.05 (the most extreme of C(6,3) = 20 arrangements has
@@ -268,7 +285,9 @@ def _trend(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     hi = _quiet(stats.linregress, x, y, alternative="greater")
     se = float(lo.stderr)
     t = float(lo.slope) / se if se > 0 else float("nan")
-    return float(lo.slope), t, _p(lo.pvalue), _p(hi.pvalue)
+    half = stats.t.ppf(0.975, len(x) - 2) * se if len(x) > 2 else float("nan")
+    ci = (float(lo.slope - half), float(lo.slope + half))
+    return float(lo.slope), t, _p(lo.pvalue), _p(hi.pvalue), ci
 
 
 # -- run selection ------------------------------------------------------------------------------
@@ -354,6 +373,26 @@ def _select(runs: Iterable[LoadedRun], needs: Sequence[str]) -> _Selection:
 
 def _label(family: str, depth: int) -> str:
     return f"{family}{depth}"
+
+
+def _nonfinite_notes(runs: Iterable[LoadedRun], metrics: Sequence[str]) -> list[str]:
+    """A note for each run whose final window holds values that are not finite (left out of
+    its final means: a step skipped by ``--on-nonfinite skip`` logs them)."""
+    notes = []
+    for r in runs:
+        for m in metrics:
+            n = r.tail_nonfinite(m)
+            if n:
+                notes.append(f"{r.name}: {n} non-finite {m} value(s) in the last 10% of logged "
+                             "steps left out of its final mean")
+    return notes
+
+
+def _used(sel: _Selection, depths: Iterable[int] | None = None) -> list[LoadedRun]:
+    """The selected runs (of these depths only, when given)."""
+    keep = None if depths is None else set(depths)
+    return [r for groups in (sel.plain, sel.residual) for d, rs in sorted(groups.items())
+            if keep is None or d in keep for r in rs]
 
 
 def _counterpart_reason(sel: _Selection, *, need_plain: bool = True,
@@ -494,6 +533,7 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
                              "run": r.name, "final_loss": r.final_scalar("loss"),
                              "logged_steps": r.logged_steps})
     details = pd.DataFrame(rows)
+    notes = sel.notes + _nonfinite_notes(_used(sel, (lo, hi)), ["loss"])
 
     def part(fam: str, groups: dict[int, list[LoadedRun]], role: str) -> _Part:
         deep = details.query("family == @fam and depth == @hi")["final_loss"].to_numpy()
@@ -504,7 +544,7 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
             name=f"{m_deep} vs {m_shallow}", test="Welch t-test, one-sided", statistic=t,
             p=p_gt, p_opposite=p_lt,
             effect_name=f"mean final loss {m_deep} - {m_shallow}",
-            effect=float(deep.mean() - shallow.mean()), ci=boot_diff_ci(deep, shallow),
+            effect=float(deep.mean() - shallow.mean()), ci=welch_diff_ci(deep, shallow),
             n=len(deep) + len(shallow), role=role,
             says=f"{m_deep} ends with higher loss than {m_shallow}",
             opposite=(f"{m_deep} ends with significantly lower loss than {m_shallow}"
@@ -515,7 +555,6 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
     parts = [plain, res]
     # Contradiction: deeper plain significantly better, or deeper residual significantly worse.
     adj = holm([plain.p_opposite, res.p])
-    notes = sel.notes
     if adj[0] < ALPHA or adj[1] < ALPHA:
         if adj[0] <= adj[1]:
             return _result(cid, "contradicted", f"{plain.opposite} (p={adj[0]:.3g}, Holm)",
@@ -567,7 +606,7 @@ def _paired_ratio_part(pairs, metric: str, layer_filter: Callable[[str], bool], 
     part = _Part(name=name, test="one-sample t-test on per-pair mean log ratio, one-sided",
                  statistic=t, p=p_lt, p_opposite=p_gt,
                  effect_name=f"geometric-mean {metric} ratio resnet/plain",
-                 effect=float(np.exp(d.mean())), ci=boot_mean_ci(d, np.exp), n=len(d),
+                 effect=float(np.exp(d.mean())), ci=t_mean_ci(d, np.exp), n=len(d),
                  says=f"{what} of residual nets below plain nets",
                  opposite=f"{what} of residual nets significantly above plain nets")
     return part, details, pooled_df
@@ -601,6 +640,7 @@ def smaller_responses(runs: Sequence[LoadedRun]) -> ClaimResult:
     if isinstance(got, ClaimResult):
         return got
     sel, pairs, notes = got
+    notes = notes + _nonfinite_notes(_used(sel), ["response_std"])
     part1, details, pooled = _paired_ratio_part(
         pairs, "response_std", is_conv_bn, "resnet vs plain at matched layers",
         "response_std")
@@ -636,14 +676,15 @@ def smaller_responses(runs: Sequence[LoadedRun]) -> ClaimResult:
                              details=details)
     x = trend["depth"].to_numpy(float)
     y = np.log(trend["mean_response_std"].to_numpy(float))
-    slope, t, p_lt, p_gt = _trend(x, y)
+    slope, t, p_lt, p_gt, (s_lo, s_hi) = _trend(x, y)
     span = float(x.max() - x.min())
     d_lo, d_hi = int(x.min()), int(x.max())
     part2 = _Part(name="depth trend among residual nets",
                   test="OLS slope of ln(mean response_std) on depth, t-test, one-sided",
                   statistic=t, p=p_lt, p_opposite=p_gt,
                   effect_name=f"fitted ratio of mean response_std, depth {d_hi} / {d_lo}",
-                  effect=float(np.exp(slope * span)), ci=_boot_trend_ci(trend, span),
+                  effect=float(np.exp(slope * span)),
+                  ci=(float(np.exp(s_lo * span)), float(np.exp(s_hi * span))),
                   n=len(trend),
                   says="mean response_std falls with depth among residual nets",
                   opposite="mean response_std significantly rises with depth among residual nets")
@@ -652,18 +693,6 @@ def smaller_responses(runs: Sequence[LoadedRun]) -> ClaimResult:
     if desc is not None:
         res.tests = pd.DataFrame([p.row() for p in parts + [desc]])
     return res
-
-
-def _boot_trend_ci(trend: pd.DataFrame, span: float) -> tuple[float, float]:
-    """Bootstrap CI of exp(slope * span), resampling runs within each depth (stratified)."""
-    groups = [np.log(g["mean_response_std"].to_numpy()) for _, g in trend.groupby("depth")]
-    x = np.concatenate([np.full(len(g), d, dtype=float) for d, g in zip(
-        sorted(trend["depth"].unique()), groups, strict=True)])
-    rng = _rng()
-    ys = np.concatenate([g[rng.integers(0, len(g), (N_BOOT, len(g)))] for g in groups], axis=1)
-    xc = x - x.mean()
-    slopes = ((ys - ys.mean(axis=1, keepdims=True)) * xc).sum(axis=1) / (xc * xc).sum()
-    return _ci(np.exp(slopes * span))
 
 
 def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
@@ -676,7 +705,7 @@ def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
     sel = _select(runs, ["identity_gap"])
     if sel.reason:
         return _inconclusive(cid, sel.reason, sel.notes)
-    notes = list(sel.notes)
+    notes = sel.notes + _nonfinite_notes(_used(sel), ["residual_ratio", "identity_gap"])
     rows = []
     for depth, rs in sorted(sel.residual.items()):
         for r in rs:
@@ -706,7 +735,7 @@ def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
                   test="one-sample t-test on per-run median log10 ratio, one-sided",
                   statistic=t, p=p_lt, p_opposite=p_gt,
                   effect_name="typical block residual_ratio (10^mean of run medians)",
-                  effect=float(10 ** m.mean()), ci=boot_mean_ci(m, lambda v: 10 ** v), n=len(m),
+                  effect=float(10 ** m.mean()), ci=t_mean_ci(m, lambda v: 10 ** v), n=len(m),
                   says="most blocks have residual_ratio < 1",
                   opposite="most blocks have residual_ratio significantly > 1")
     pairs, pair_notes = _pairs(sel)
@@ -737,21 +766,31 @@ def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
 def bn_grad_slope(run: LoadedRun, steps: Sequence[int]) -> float:
     """Least-squares slope of log10(response_grad_norm) on forward rank over 3x3-conv BNs.
 
-    Averaging log10 values over ``steps`` first; decades per layer; NaN with < 3 layers.
+    Averaging log10 values over ``steps`` first; decades per layer; NaN with < 3 layers. Values
+    that are not finite and positive are left out; a layer left with none drops out of the fit
+    but keeps its rank (the others are not moved up a place).
     """
+    return _bn_grad_slope(run, steps)[0]
+
+
+def _bn_grad_slope(run: LoadedRun, steps: Sequence[int]) -> tuple[float, int]:
+    """:func:`bn_grad_slope` and how many values it left out (not finite and positive)."""
     t = run.rows_at("response_grad_norm", steps)
-    t = t[t["value"] > 0]
     # The name test once per layer, not per row: early training of a long run is ~1M rows.
     t = t[t["layer"].isin([x for x in pd.unique(t["layer"]) if is_conv_bn(str(x))])]
     if t.empty:
-        return float("nan")
-    per = (t.assign(lv=np.log10(t["value"]))
+        return float("nan"), 0
+    v = t["value"].to_numpy(dtype=float)
+    ok = np.isfinite(v) & (v > 0)
+    per = (t.assign(lv=np.where(ok, np.log10(np.where(ok, v, 1.0)), np.nan))
            .groupby("layer", observed=True).agg(depth=("depth", "first"), lv=("lv", "mean"))
-           .sort_values("depth"))
-    if len(per) < 3:
-        return float("nan")
-    rank = np.arange(len(per), dtype=float)
-    return float(np.polyfit(rank, per["lv"].to_numpy(), 1)[0])
+           .sort_values("depth", kind="stable"))
+    rank = np.arange(len(per), dtype=float)  # every measured layer's place in forward order
+    lv = per["lv"].to_numpy()
+    fit = np.isfinite(lv)
+    if fit.sum() < 3:
+        return float("nan"), int((~ok).sum())
+    return float(np.polyfit(rank[fit], lv[fit], 1)[0]), int((~ok).sum())
 
 
 def _early_steps(run: LoadedRun) -> np.ndarray:
@@ -774,15 +813,26 @@ def gradient_flow(runs: Sequence[LoadedRun]) -> ClaimResult:
     if isinstance(got, ClaimResult):
         return got
     sel, pairs, notes = got
+    notes = list(notes)
     rows = []
     for depth, seed, p, q in pairs:
         row = {"depth": depth, "seed": seed, "plain_run": p.name, "residual_run": q.name}
         for tag, run in (("plain", p), ("residual", q)):
-            last = int(run.steps("response_grad_norm").max())
-            row[f"slope_{tag}"] = bn_grad_slope(run, _early_steps(run))
+            steps = run.steps("response_grad_norm")
+            early = _early_steps(run)
+            row[f"slope_{tag}"], left_out = _bn_grad_slope(run, early)
             row[f"slope_{tag}_init"] = bn_grad_slope(run, [0])
-            row[f"slope_{tag}_final"] = bn_grad_slope(run, [last])
+            row[f"slope_{tag}_final"] = bn_grad_slope(run, [int(steps.max())])
+            if left_out:
+                notes.append(f"{run.name}: {left_out} response_grad_norm value(s) in the first "
+                             "10% of training not finite and positive; left out of its slope")
+            if len(early) == 1 and len(steps) > 1:
+                notes.append(f"{run.name}: the first 10% of training holds one logged step "
+                             f"({int(early[0])}); its early slope is the slope at that step")
         row["d_abs_slope"] = abs(row["slope_plain"]) - abs(row["slope_residual"])
+        if not np.isfinite(row["d_abs_slope"]):
+            notes.append(f"pair {p.name} / {q.name} not used: a slope is undefined (fewer than "
+                         "3 BN layers with finite, positive response_grad_norm)")
         rows.append(row)
     details = pd.DataFrame(rows)
     d = details["d_abs_slope"].to_numpy()
@@ -795,7 +845,7 @@ def gradient_flow(runs: Sequence[LoadedRun]) -> ClaimResult:
                  test="one-sample t-test on per-pair |slope| difference, one-sided",
                  statistic=t, p=p_gt, p_opposite=p_lt,
                  effect_name="mean |slope| plain - residual (decades per layer)",
-                 effect=float(d.mean()), ci=boot_mean_ci(d), n=len(d),
+                 effect=float(d.mean()), ci=t_mean_ci(d), n=len(d),
                  says="gradient norms change through depth more in plain nets",
                  opposite="gradient norms change through depth significantly more in residual nets")
     return _decide(cid, [part], details=details, notes=notes)

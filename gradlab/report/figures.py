@@ -52,11 +52,15 @@ def bin_series(steps: np.ndarray, values: np.ndarray, edges: np.ndarray | None =
     """Mean, min and max of ``values`` per step bin (``step`` = mean step of the bin).
 
     Returns a frame ``bin, step, mean, min, max``; ``bin`` is the step itself when unbinned.
+    Values that are not finite are left out.
 
     With no ``edges`` and at most ``max_points`` distinct steps, every step is its own bin.
     """
     steps = np.asarray(steps)
     values = np.asarray(values, dtype=float)
+    finite = np.isfinite(values)  # a skipped step's inf/NaN: left out, as in every mean
+    if not finite.all():
+        steps, values = steps[finite], values[finite]
     if edges is None:
         edges = _edges(steps, max_points)
     if edges is None:
@@ -153,10 +157,13 @@ def _seed_curve(ax: Axes, runs: list[LoadedRun], get: Callable[[LoadedRun], pd.S
 
 
 def _bin_note(runs: Sequence[LoadedRun], metric: str) -> str:
-    longest = max((len(r.scalar(metric)) for r in runs), default=0)
-    if longest > MAX_POINTS:
-        return (f" Series of more than {MAX_POINTS:,} logged steps are binned into {MAX_POINTS:,} "
-                "equal step ranges (mean per bin) before averaging over seeds.")
+    # As _seed_curve decides: per model, over the distinct steps of all its runs together.
+    binned = any(_edges(np.concatenate([r.scalar(metric).index.to_numpy() for r in rs]),
+                        MAX_POINTS) is not None for rs in _groups(runs).values())
+    if binned:
+        return (f" A model whose runs together log more than {MAX_POINTS:,} distinct steps has "
+                f"its curves binned into {MAX_POINTS:,} equal step ranges (mean per bin) before "
+                "averaging over seeds.")
     return " Every logged step is plotted (no binning)."
 
 

@@ -229,19 +229,34 @@ class LoadedRun:
         """The last ``fraction`` of a metric's logged steps after step 0 (at least one)."""
         return tail_of(self.steps(name), fraction)
 
-    def final_scalar(self, name: str, fraction: float = TAIL_FRACTION) -> float:
-        """Mean of a model-wide metric over its last ``fraction`` of logged steps (NaN if none)."""
+    def _scalar_tail(self, name: str, fraction: float) -> np.ndarray:
         s = self.scalar(name)
         s = s[s.index > 0]
-        if s.empty:
-            return float("nan")
         k = max(1, math.ceil(fraction * len(s)))
-        return float(s.iloc[-k:].mean())
+        return s.to_numpy(dtype=float)[-k:] if len(s) else np.zeros(0)
+
+    def final_scalar(self, name: str, fraction: float = TAIL_FRACTION) -> float:
+        """Mean of a model-wide metric over its last ``fraction`` of logged steps, leaving out
+        values that are not finite (a step skipped by ``--on-nonfinite skip`` logs them; see
+        :meth:`tail_nonfinite`); NaN if none is left."""
+        tail = self._scalar_tail(name, fraction)
+        tail = tail[np.isfinite(tail)]
+        return float(tail.mean()) if len(tail) else float("nan")
+
+    def tail_nonfinite(self, name: str, fraction: float = TAIL_FRACTION) -> int:
+        """How many values of ``name`` in its last ``fraction`` of logged steps are not finite:
+        those :meth:`final_scalar` and :meth:`final_layers` leave out."""
+        tail = self._scalar_tail(name, fraction)
+        n = int((~np.isfinite(tail)).sum())
+        layers = self.final_layers(name, fraction)
+        return n + int(layers["nonfinite"].sum()) if len(layers) else n
 
     def final_layers(self, name: str, fraction: float = TAIL_FRACTION) -> pd.DataFrame:
-        """Per layer, the mean of a metric over its last ``fraction`` of logged steps.
+        """Per layer, the mean of a metric over its last ``fraction`` of logged steps, leaving
+        out values that are not finite.
 
-        Returns a frame ``layer, depth, value`` sorted by depth (forward order).
+        Returns a frame ``layer, depth, value, nonfinite`` (how many values were left out) sorted
+        by depth (forward order); ``value`` is NaN for a layer with no finite value.
         """
         if self.summary is not None and fraction == TAIL_FRACTION \
                 and name in self.summary.tail:
@@ -270,12 +285,18 @@ class LoadedRun:
 
 
 def _per_layer(t: pd.DataFrame) -> pd.DataFrame:
+    """Per layer ``layer, depth, value, nonfinite``: the mean of its finite values and how many
+    were not finite (left out)."""
     if t.empty:
         return pd.DataFrame({"layer": pd.Series(dtype=str), "depth": pd.Series(dtype="int64"),
-                             "value": pd.Series(dtype="float64")})
-    g = (t.assign(layer=t["layer"].astype(str))
+                             "value": pd.Series(dtype="float64"),
+                             "nonfinite": pd.Series(dtype="int64")})
+    v = t["value"].to_numpy(dtype=float)
+    finite = np.isfinite(v)
+    g = (t.assign(layer=t["layer"].astype(str), value=np.where(finite, v, np.nan),
+                  nonfinite=~finite)
          .groupby("layer", sort=False)
-         .agg(depth=("depth", "first"), value=("value", "mean"))
+         .agg(depth=("depth", "first"), value=("value", "mean"), nonfinite=("nonfinite", "sum"))
          .reset_index())
     return g.sort_values("depth", kind="stable", ignore_index=True)
 

@@ -123,8 +123,10 @@ def render_pdf(claims: Sequence[ClaimResult], runset: RunSet,
         _p(title, st["title"]),
         _p(f"Generated {generated} by gradlab {version} from {len(runset.runs)} run(s) on "
            f"{', '.join(runset.datasets)}; {len(runset.skipped)} skipped. alpha = {C.ALPHA}; "
-           f"95% CIs are percentile bootstrap intervals ({C.N_BOOT:,} resamples, RNG seed "
-           f"{C.BOOT_SEED}).", st["small"]),
+           "95% CIs are those of each test's own model (Student's t, Welch's t), so they agree "
+           "with the tests; the descriptive pooled medians' are percentile bootstrap intervals "
+           f"({C.N_BOOT:,} resamples, RNG seed {C.BOOT_SEED}). Non-finite values are left out of "
+           "means over steps, and named in the notes.", st["small"]),
         _p("Verdicts", st["h1"]),
     ]
     vrows = verdict_rows(claims)

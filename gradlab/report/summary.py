@@ -238,8 +238,9 @@ class RunSummary:
         sums, counts, step_sums, mins, maxs: per (series, bin) aggregates of the values (and
             of the steps, for each bin's mean step).
         layer_steps: per per-layer metric, its distinct logged steps (exact).
-        tail: per per-layer metric, ``layer, depth, value``: the mean over its last
-            ``tail_fraction`` of logged steps after step 0 (exact up to float rounding).
+        tail: per per-layer metric, ``layer, depth, value, nonfinite``: the mean of the finite
+            values over its last ``tail_fraction`` of logged steps after step 0 (exact up to
+            float rounding), and how many values there were not finite.
         early_metrics: metrics whose rows at steps up to ``early_until`` are kept exactly.
         early_until: see ``early_metrics``.
     """
@@ -342,10 +343,10 @@ class _Bins:
 
     def add(self, step: np.ndarray, sid: np.ndarray, value: np.ndarray, n: int,
             lo: int, hi: int) -> None:
-        """Add rows (NaN values skipped, as pandas' mean skips them); ``n``: series so far;
-        ``lo``, ``hi``: bounds of the steps."""
+        """Add rows (values that are not finite skipped, as the report's means over steps skip
+        them); ``n``: series so far; ``lo``, ``hi``: bounds of the steps."""
         self._grow(n)
-        ok = ~np.isnan(value)
+        ok = np.isfinite(value)
         if not ok.all():
             step, sid, value = step[ok], sid[ok], value[ok]
         if len(step) == 0:
@@ -480,7 +481,7 @@ def summarise(parts: list[_Part], metrics: Sequence[str], *, max_points: int,
             mid = metric_of[sid]
             in_tail = layer & (step >= tail_from[mid])
             seen += np.bincount(sid[in_tail], minlength=n)
-            ok = in_tail & ~np.isnan(value)
+            ok = in_tail & np.isfinite(value)  # as load's final means: finite values
             sums += np.bincount(sid[ok], value[ok], n)
             counts += np.bincount(sid[ok], minlength=n)
             at_last = layer & (step == last_of[mid])
@@ -495,7 +496,7 @@ def summarise(parts: list[_Part], metrics: Sequence[str], *, max_points: int,
         with np.errstate(invalid="ignore", divide="ignore"):
             value = np.where(counts[sel] > 0, sums[sel] / counts[sel], np.nan)
         tails[names[m]] = (pd.DataFrame({"layer": layers[sel].astype(str), "depth": depths[sel],
-                                         "value": value})
+                                         "value": value, "nonfinite": seen[sel] - counts[sel]})
                            .sort_values("depth", kind="stable", ignore_index=True))
 
     tables = {}

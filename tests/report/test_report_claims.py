@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 from synthetic_runs import CLAIM_IDS, make_run, make_suite
@@ -13,11 +15,12 @@ from gradlab.report import CLAIMS, load_runs
 from gradlab.report.claims import (
     CLAIM_FUNCTIONS,
     ClaimResult,
-    boot_diff_ci,
-    boot_mean_ci,
+    bn_grad_slope,
     evaluate_claims,
     holm,
     is_conv_bn,
+    t_mean_ci,
+    welch_diff_ci,
 )
 
 
@@ -178,10 +181,119 @@ def test_holm() -> None:
     assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
 
 
-def test_bootstrap_is_reproducible_and_covers_the_mean() -> None:
-    x = np.random.default_rng(1).normal(2.0, 1.0, 30)
-    a, b = boot_mean_ci(x), boot_mean_ci(x)
-    assert a == b and a[0] < x.mean() < a[1]
-    lo, hi = boot_diff_ci(x + 1, x)
-    assert lo < 1.0 < hi
-    assert np.isnan(boot_mean_ci([1.0])[0])
+def test_confidence_intervals_are_those_of_the_tests() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 1.0, 7)
+    ref = stats.ttest_1samp(x, 0.0).confidence_interval(0.95)
+    assert t_mean_ci(x) == pytest.approx((ref.low, ref.high))
+    assert t_mean_ci(x, np.exp) == pytest.approx((np.exp(ref.low), np.exp(ref.high)))
+    a, b = rng.normal(1.0, 0.5, 3), rng.normal(0.0, 2.0, 4)
+    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert welch_diff_ci(a, b) == pytest.approx((ref.low, ref.high))
+    assert np.isnan(t_mean_ci([1.0])[0]) and np.isnan(welch_diff_ci([1.0], [2.0, 3.0])[0])
+    assert welch_diff_ci([1.0, 1.0], [2.0, 2.0]) == (-1.0, -1.0)  # no spread: zero width
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_an_interval_never_contradicts_its_test(seed: int) -> None:
+    # With 2-4 runs a percentile bootstrap interval can exclude 0 while the t-test says p > 0.1
+    # (d = [-0.2, -0.05]: bootstrap (-0.2, -0.05), one-sided p = 0.17). The t interval excludes
+    # 0 exactly when the two-sided p < 0.05, i.e. the one-sided p in that direction < 0.025.
+    rng = np.random.default_rng(seed)
+    d = rng.normal(rng.normal(0, 0.5), 0.3, int(rng.integers(2, 5)))
+    lo, hi = t_mean_ci(d)
+    p_two = stats.ttest_1samp(d, 0.0).pvalue
+    assert (lo > 0 or hi < 0) == (p_two < 0.05)
+    a, b = rng.normal(0.3, 0.2, 3), rng.normal(0.0, 0.2, 3)
+    lo, hi = welch_diff_ci(a, b)
+    assert (lo > 0 or hi < 0) == (stats.ttest_ind(a, b, equal_var=False).pvalue < 0.05)
+
+
+def test_small_sample_interval_agrees_with_the_test() -> None:
+    lo, hi = t_mean_ci([-0.2, -0.05])
+    assert lo < 0 < hi
+
+
+def test_trend_interval_is_the_slope_t_interval(supported: dict[str, ClaimResult]) -> None:
+    t = supported["smaller-responses"].details
+    t = t[t["part"] == "depth trend"]
+    x, y = t["depth"].to_numpy(float), np.log(t["mean_response_std"].to_numpy(float))
+    fit = stats.linregress(x, y)
+    half = stats.t.ppf(0.975, len(x) - 2) * fit.stderr
+    span = x.max() - x.min()
+    row = supported["smaller-responses"].tests.set_index("part").loc[
+        "depth trend among residual nets"]
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(
+        (np.exp((fit.slope - half) * span), np.exp((fit.slope + half) * span)))
+
+
+def _poison(run_dir: Path, metric: str, steps, value: float, layer: str | None = None) -> None:
+    """Set ``metric`` (of ``layer``, or of every layer) at ``steps`` to ``value`` in place, as a
+    step skipped by ``--on-nonfinite skip`` leaves it."""
+    part = run_dir / "metrics" / "part-000001.parquet"
+    df = pq.read_table(part).to_pandas()
+    hit = (df["metric"] == metric) & df["step"].isin(list(steps))
+    if layer is not None:
+        hit &= df["layer"] == layer
+    assert hit.any()
+    df.loc[hit, "value"] = value
+    schema = pq.read_schema(part)
+    pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), part)
+
+
+def test_nonfinite_values_are_left_out_of_final_means_and_named(tmp_path: Path) -> None:
+    make_suite(tmp_path)
+    # A skipped step near the end of two plain56 runs: inf loss, and inf/NaN responses.
+    for s, v in ((0, np.inf), (1, np.nan)):
+        _poison(tmp_path / f"plain56-s{s}", "loss", [590], np.inf)
+        _poison(tmp_path / f"plain56-s{s}", "response_std", [600], v, "layer1.0.bn1")
+        _poison(tmp_path / f"resnet56-s{s}", "residual_ratio", [600], v, "layer1.0")
+    got = _verdicts(tmp_path)
+    deg = got["degradation"]
+    assert deg.verdict == "supported", deg.reason
+    assert np.isfinite(deg.details["final_loss"]).all()
+    assert deg.effect_size == pytest.approx(0.25, abs=0.03)
+    assert any("plain56-s0: 1 non-finite loss value" in n for n in deg.notes)
+    assert any("plain56-s1: 1 non-finite loss value" in n for n in deg.notes)
+    sr = got["smaller-responses"]
+    assert sr.verdict == "supported", sr.reason
+    assert any("plain56-s0: 1 non-finite response_std" in n for n in sr.notes)
+    assert any("plain56-s1: 1 non-finite response_std" in n for n in sr.notes)
+    ni = got["near-identity"]
+    assert ni.verdict == "supported", ni.reason
+    assert any("resnet56-s1: 1 non-finite residual_ratio" in n for n in ni.notes)
+    rs = load_runs([tmp_path])
+    run = next(r for r in rs.runs if r.name == "plain56-s0")
+    finals = run.scalar("loss")
+    tail = finals[finals.index > 0].iloc[-6:]  # 60 logged steps after 0: the last 10% is 6
+    assert run.final_scalar("loss") == pytest.approx(tail[np.isfinite(tail)].mean())
+    assert run.tail_nonfinite("loss") == 1 and run.tail_nonfinite("response_std") == 1
+    layers = run.final_layers("response_std").set_index("layer")
+    assert layers.loc["layer1.0.bn1", "nonfinite"] == 1
+    assert np.isfinite(layers["value"]).all()
+
+
+def test_gradient_flow_keeps_ranks_and_names_what_it_left_out(tmp_path: Path) -> None:
+    make_suite(tmp_path)
+    rs = load_runs([tmp_path])
+    run = next(r for r in rs.runs if r.name == "plain56-s0")
+    before = bn_grad_slope(run, [0])
+    # One middle BN's gradient at init is inf: the other layers keep their ranks, so the slope
+    # barely moves (dropping the layer and re-ranking would shift every later layer by one).
+    _poison(tmp_path / "plain56-s0", "response_grad_norm", [0], np.inf, "layer2.4.bn1")
+    _poison(tmp_path / "plain56-s1", "response_grad_norm", [0, 10, 20, 30, 40, 50, 60],
+            np.inf)
+    rs = load_runs([tmp_path])
+    run = next(r for r in rs.runs if r.name == "plain56-s0")
+    assert bn_grad_slope(run, [0]) == pytest.approx(before, rel=0.02)
+    c = CLAIM_FUNCTIONS["gradient-flow"](rs.runs)
+    assert c.verdict == "supported", c.reason
+    assert c.n == 5
+    assert any("plain56-s0: 1 response_grad_norm value" in n for n in c.notes)
+    assert any("pair plain56-s1 / resnet56-s1 not used" in n for n in c.notes)
+
+
+def test_early_window_of_one_step_is_named(tmp_path: Path) -> None:
+    make_suite(tmp_path, every=100)
+    c = CLAIM_FUNCTIONS["gradient-flow"](load_runs([tmp_path]).runs)
+    assert any("first 10% of training holds one logged step (0)" in n for n in c.notes)
