@@ -66,6 +66,12 @@ def load(path: Path) -> dict[str, Any]:
         raise RunError(f"{path}: corrupt or unreadable checkpoint ({first[:120]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise RunError(f"{path}: not a gradlab checkpoint of format {FORMAT}")
+    # What resuming reads before restore(): checked here, so a damaged entry is one clear error.
+    step, parts = state.get("step"), state.get("parts")
+    if type(step) is not int or step < 0:
+        raise RunError(f"{path}: damaged checkpoint (step {step!r} is not a step count)")
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        raise RunError(f"{path}: damaged checkpoint (its list of metric parts is {parts!r:.60})")
     return state
 
 

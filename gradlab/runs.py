@@ -214,8 +214,8 @@ def read_run_json(path: Path) -> dict[str, Any]:
         raise RunError(f"{path}: not a gradlab run directory (no run.json)")
     try:
         info = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"{f}: unreadable run.json ({e})") from None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise RunError(f"{f}: unreadable run.json ({str(e)[:160]})") from None
     if not isinstance(info, dict):
         raise RunError(f"{f}: run.json is not a JSON object")
     version = info.get("schema_version")

@@ -401,7 +401,12 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
         if not isinstance(rd.info.get("config"), dict):
             raise RunError(f"{path}/run.json has no config to resume from")
         # The run continues with the configuration it was started with, not today's options.
-        cfg = TrainConfig.from_dict(rd.info["config"]).validate()
+        try:
+            cfg = TrainConfig.from_dict(rd.info["config"]).validate()
+        except (ConfigError, TypeError, ValueError) as e:  # a hand-edited or damaged run.json
+            raise RunError(f"{path}/run.json: config cannot be resumed "
+                           f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+                           ) from None
         last = rd.checkpoint_dir / "last.pt"
         state = ckpt.load(last) if last.exists() else None
         if state is not None and state.get("config") != rd.info["config"]:
@@ -411,18 +416,29 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
         raise RunError(f"run directory {path} already exists; use --resume to continue it or "
                        "--force to start it again")
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed).to(device)
+    # Everything the options can get wrong is found here, before a run directory is created or
+    # (with --force) an old one replaced.
+    steps_per_epoch(data.train_size, cfg.batch_size)
     steps = total_steps(cfg, data.train_size)
     if cfg.every > steps:
         raise ConfigError(f"--every {cfg.every} is larger than the run ({steps} steps)")
+    if resume and state is not None and state["step"] >= steps \
+            and rd.info.get("status") == "completed":
+        # Nothing left to train: the run stays exactly as it is (final values, finish time,
+        # event files).
+        return TrainResult(rd.path, "completed", state["step"], dict(rd.info.get("final") or {}),
+                           0.0, None, None)
     tr = Trainer(cfg, data, device, probe=probe)  # resolves the fast path once: tr.amp, tr.cl
     model, opt, gen, prb = tr.model, tr.opt, tr.gen, tr.probe
     start = 0
     if resume:
         if state is not None:
             start = ckpt.restore(state, model, opt, gen)
-            ckpt.trim_parts(rd.metrics_dir, state.get("parts", []))
+            ckpt.trim_parts(rd.metrics_dir, state["parts"])
         else:
-            _clear_partial(rd)
+            # Resumed before its first checkpoint: it starts over, and every part it wrote would
+            # be repeated, so all are set aside (metrics/.superseded/), none deleted.
+            ckpt.trim_parts(rd.metrics_dir, [])
         rd.save(status="running", finished=None, resumed_at=start)
     else:
         rd = RunDir.create(path, run_info(cfg, data, model, device, steps, tr.amp, tr.cl),
@@ -439,7 +455,8 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     sink = _Sink(writer, dash)
     ckpt_every = cfg.checkpoint_every or max(cfg.every, min(1000, steps // 4 or 1))
     eval_every = cfg.eval_every or max(1, steps // 10)
-    final: dict[str, float] = {}
+    # A resumed run keeps its last final values until new ones are measured.
+    final: dict[str, float] = dict(rd.info.get("final") or {}) if resume else {}
     failure: dict[str, Any] | None = None
     status = "completed"
     t_start = time.perf_counter()
@@ -569,12 +586,6 @@ def _check_name(name: str) -> None:
             or os.sep in name or "\x00" in name):
         raise ConfigError(f"--name {name!r} must be a plain directory name (no '/', '..' or "
                           "leading '.')")
-
-
-def _clear_partial(rd: RunDir) -> None:
-    """A run resumed before its first checkpoint starts over: its parts would be repeated."""
-    for p in rd.metrics_dir.glob("part-*.parquet"):
-        p.unlink()
 
 
 def _install_signal_handlers(flag: list[int]):

@@ -374,8 +374,55 @@ PROBE_BAD = {
     "force-on-a-folder-that-is-not-a-run": (["--name", "notarun", "--force"],
                                             ["not a gradlab run directory"], None),
     "epochs-0": (["--epochs", "0"], ["--epochs"], None),
+    # Checked before the run directory is made, or (--force) the old one replaced.
+    "force-batch-larger-than-the-data": (["--name", "r20", "--force", "--batch-size", "5000"],
+                                         ["batch size 5000", "training samples"], None),
+    "batch-larger-than-the-data": (["--name", "new", "--batch-size", "5000"],
+                                   ["batch size 5000"], None),
+    # Damaged run directories on --resume (RUN_DAMAGE below).
+    "resume-run-json-not-utf8": (["--name", "r20", "--resume"], ["run.json", "unreadable"],
+                                 None),
+    "resume-config-steps-a-string": (["--name", "r20", "--resume"],
+                                     ["run.json", "config cannot be resumed"], None),
+    "resume-config-milestones-not-a-list": (["--name", "r20", "--resume"],
+                                            ["run.json", "config cannot be resumed"], None),
+    "resume-checkpoint-without-step": (["--name", "r20", "--resume"],
+                                       ["last.pt", "damaged checkpoint", "step"], None),
+    "resume-checkpoint-parts-not-a-list": (["--name", "r20", "--resume"],
+                                           ["last.pt", "damaged checkpoint", "parts"], None),
     "checkpoint-every-0": (["--checkpoint-every", "0"], ["--checkpoint-every"], None),
     "on-nonfinite-bogus": (["--on-nonfinite", "ignore"], ["--on-nonfinite"], None),
+}
+
+
+def _edit_config(**changes):
+    def damage(run: Path) -> None:
+        f = run / "run.json"
+        info = json.loads(f.read_text())
+        info["config"].update(changes)
+        f.write_text(json.dumps(info))
+    return damage
+
+
+def _edit_checkpoint(**changes):
+    def damage(run: Path) -> None:
+        f = run / "checkpoints" / "last.pt"
+        state = torch.load(f, weights_only=True)
+        for k, v in changes.items():
+            if v is None and k == "step":
+                del state[k]
+            else:
+                state[k] = v
+        torch.save(state, f)
+    return damage
+
+
+RUN_DAMAGE = {
+    "resume-run-json-not-utf8": lambda run: (run / "run.json").write_bytes(b"\xff\xfe{}"),
+    "resume-config-steps-a-string": _edit_config(steps="3"),
+    "resume-config-milestones-not-a-list": _edit_config(milestones=0.5),
+    "resume-checkpoint-without-step": _edit_checkpoint(step=None),
+    "resume-checkpoint-parts-not-a-list": _edit_checkpoint(parts=None),
 }
 
 
@@ -408,6 +455,8 @@ def test_probe_bad_input_is_one_line_exit_2_and_changes_nothing(case, small_run,
             f.write_text(json.dumps({**json.loads(f.read_text()), "schema_version": 0}))
         else:
             f.write_text("{not json")
+    if case in RUN_DAMAGE:
+        RUN_DAMAGE[case](out / "r20")
     before = snapshot(tmp_path)
     result = invoke(*PROBE[:1], "--model", "resnet8", "--steps", 2, "--every", 1,
                     "--batch-size", 8, "--device", "cpu", "--no-tensorboard", "-q",
@@ -416,6 +465,34 @@ def test_probe_bad_input_is_one_line_exit_2_and_changes_nothing(case, small_run,
     assert not result.stdout
     assert snapshot(tmp_path) == before, "the command changed files"
     assert not (tmp_path / "pwned").exists(), "loading ran code from a file"
+
+
+def test_resuming_a_completed_run_changes_nothing(small_run, tmp_path) -> None:
+    run = tmp_path / "r20"
+    shutil.copytree(small_run, run)
+    before = snapshot(tmp_path, mtimes=True)
+    result = invoke("probe", "--resume", "--out", tmp_path, "--name", "r20", "-q")
+    assert result.exit_code == 0, result.output
+    final = json.loads((run / "run.json").read_text())["final"]
+    assert final and result.stdout.startswith(f"completed: {run} (2 steps")
+    assert "loss" in result.stdout
+    # Final values, finish time, metrics and event files: all as they were.
+    assert snapshot(tmp_path, mtimes=True) == before
+
+
+def test_resuming_without_a_checkpoint_sets_the_parts_aside(small_run, tmp_path) -> None:
+    run = tmp_path / "r20"
+    shutil.copytree(small_run, run)
+    (run / "checkpoints" / "last.pt").unlink()
+    parts = {p.name: p.read_bytes() for p in (run / "metrics").glob("part-*.parquet")}
+    assert parts
+    result = invoke("probe", "--resume", "--out", tmp_path, "--name", "r20", "-q",
+                    "--no-tensorboard")
+    assert result.exit_code == 0, result.output
+    # It trained again from step 0; what it had written is kept under metrics/.superseded.
+    aside = {p.name: p.read_bytes() for p in (run / "metrics" / ".superseded").glob("*")}
+    assert aside == parts
+    assert_same_run(small_run, run)
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
