@@ -407,6 +407,10 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
             raise RunError(f"{path}/run.json: config cannot be resumed "
                            f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
                            ) from None
+        skipped_before = rd.info.get("skipped_steps", [])
+        if not isinstance(skipped_before, list) or not all(
+                type(s) is int for s in skipped_before):
+            raise RunError(f"{path}/run.json: skipped_steps is not a list of steps")
         last = rd.checkpoint_dir / "last.pt"
         state = ckpt.load(last) if last.exists() else None
         if state is not None and state.get("config") != rd.info["config"]:

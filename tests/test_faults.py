@@ -386,6 +386,8 @@ PROBE_BAD = {
                                      ["run.json", "config cannot be resumed"], None),
     "resume-config-milestones-not-a-list": (["--name", "r20", "--resume"],
                                             ["run.json", "config cannot be resumed"], None),
+    "resume-skipped-steps-not-a-list": (["--name", "r20", "--resume"],
+                                        ["run.json", "skipped_steps"], None),
     "resume-checkpoint-without-step": (["--name", "r20", "--resume"],
                                        ["last.pt", "damaged checkpoint", "step"], None),
     "resume-checkpoint-parts-not-a-list": (["--name", "r20", "--resume"],
@@ -421,6 +423,8 @@ RUN_DAMAGE = {
     "resume-run-json-not-utf8": lambda run: (run / "run.json").write_bytes(b"\xff\xfe{}"),
     "resume-config-steps-a-string": _edit_config(steps="3"),
     "resume-config-milestones-not-a-list": _edit_config(milestones=0.5),
+    "resume-skipped-steps-not-a-list": lambda run: (run / "run.json").write_text(json.dumps(
+        {**json.loads((run / "run.json").read_text()), "skipped_steps": 3})),
     "resume-checkpoint-without-step": _edit_checkpoint(step=None),
     "resume-checkpoint-parts-not-a-list": _edit_checkpoint(parts=None),
 }
