@@ -211,8 +211,15 @@ def models() -> None:
 
 
 def _formats(text: str) -> tuple[str, ...]:
-    """The --format list ("html,pdf"), blanks dropped; report building rejects unknown ones."""
-    return tuple(f.strip() for f in text.split(",") if f.strip())
+    """The --format list ("html,pdf"), blanks dropped; report building rejects unknown ones.
+
+    A list with no format at all ("", ",") is refused: the command would write nothing.
+    """
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    if not formats:
+        raise typer.BadParameter(f"no format in {text!r} (give html, pdf or html,pdf)",
+                                 param_hint="'--format'")
+    return formats
 
 
 def _print_report(rep) -> None:
@@ -242,13 +249,18 @@ def run_cmd(
     then write its report to REPORTS/<suite>/."""
     from gradlab.suites import run_suite
 
-    formats = _formats(format)
+    formats = () if no_report else _formats(format)
     res = run_suite(suite, runs_root=runs, reports_root=reports, progress=not quiet,
                     formats=formats, report=not no_report,
                     on_run=lambda name, what: typer.echo(f"{what} {name}"))
+    stopped = f", stopped at {res.interrupted}" if res.interrupted else ""
     typer.echo(f"suite {res.suite.name}: {len(res.trained)} trained, {len(res.resumed)} "
-               f"resumed, {len(res.skipped)} skipped, {len(res.failed)} failed "
+               f"resumed, {len(res.skipped)} skipped, {len(res.failed)} failed{stopped} "
                f"({res.seconds:.0f} s) in {res.runs_dir}")
+    if res.interrupted:
+        typer.echo(f"interrupted: {res.runs_dir / res.interrupted} at step {res.interrupted_at}; "
+                   f"run the same command again to resume the suite")
+        sys.exit(128 + (res.signal or 2))  # as `gradlab probe`: 130 SIGINT, 143 SIGTERM
     if res.report is not None:
         _print_report(res.report)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,16 +97,22 @@ def bundled_suites() -> dict[str, Path]:
 
 
 def _resolve(spec: str | Path) -> Path:
+    """A suite file if ``spec`` is an existing file or ends in .toml, else a bundled suite's name.
+
+    Anything else that exists (a folder, e.g. the ``near-identity/`` that ``gradlab run
+    near-identity --runs .`` creates) must not hide the bundled suite of that name.
+    """
     p = Path(spec)
-    if p.suffix == ".toml" or p.exists():
-        if not p.is_file():
-            raise SuiteError(f"suite file {p} not found")
+    if p.is_file():
         return p
+    if p.suffix == ".toml":
+        raise SuiteError(f"suite file {p} {'is not a file' if p.exists() else 'not found'}")
     bundled = bundled_suites()
     if str(spec) in bundled:
         return bundled[str(spec)]
     names = ", ".join(bundled) or "none"
-    raise SuiteError(f"unknown suite {str(spec)!r}: not a file, and not a bundled suite ({names})")
+    raise SuiteError(f"unknown suite {str(spec)!r}: not a suite file (.toml), and not a bundled "
+                     f"suite ({names})")
 
 
 def load_suite(spec: str | Path) -> Suite:
@@ -132,6 +139,16 @@ def load_suite(spec: str | Path) -> Suite:
     if not raw["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool)
                                    for s in raw["seeds"]):
         raise SuiteError(f"{path}: seeds must be a non-empty list of integers")
+    bad_seeds = [s for s in raw["seeds"] if not 0 <= s < 2**32]
+    if bad_seeds:  # the data split's random_state takes 0 .. 2**32 - 1
+        raise SuiteError(f"{path}: seeds must be in [0, 2**32), got {bad_seeds[0]}")
+    for key in ("models", "seeds"):
+        twice = sorted({str(v) for v in raw[key] if raw[key].count(v) > 1})
+        if twice:  # one run directory per (model, seed): a repeat would be trained once
+            raise SuiteError(f"{path}: {key} lists {', '.join(twice)} more than once")
+    not_finite = _first_non_finite(raw)
+    if not_finite:  # TOML has inf and nan; no option means anything with them
+        raise SuiteError(f"{path}: {not_finite} must be a finite number")
     from gradlab.data import DATASETS
 
     if raw["dataset"] not in DATASETS:
@@ -141,7 +158,7 @@ def load_suite(spec: str | Path) -> Suite:
         raise SuiteError(f"{path}: every = {raw['every']} is larger than the run "
                          f"({raw['steps']} steps)")
     name = raw["name"]
-    if not name or "/" in name or "\\" in name or name.startswith("."):
+    if not name or name.startswith(".") or any(c in name for c in "/\\\x00"):
         raise SuiteError(f"{path}: name {name!r} must be a plain directory name")
     for m in raw["models"]:
         try:
@@ -185,6 +202,18 @@ def load_suite(spec: str | Path) -> Suite:
     return suite
 
 
+def _first_non_finite(raw: dict[str, Any]) -> str | None:
+    """The first key (``epochs``, ``[train] lr``, ...) holding an inf or nan, if any."""
+    items = [(k, v) for k, v in raw.items() if k != "train"]
+    if isinstance(raw.get("train"), dict):
+        items += [(f"[train] {k}", v) for k, v in raw["train"].items()]
+    for key, value in items:
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return key
+    return None
+
+
 def _same_kind(default: Any, value: Any) -> bool:
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
@@ -195,7 +224,11 @@ def _same_kind(default: Any, value: Any) -> bool:
 
 @dataclass
 class SuiteResult:
-    """What :func:`run_suite` did: runs trained, skipped, resumed, failed, and the report."""
+    """What :func:`run_suite` did: runs trained, skipped, resumed, failed, and the report.
+
+    ``interrupted`` names the run a signal (``signal``: SIGINT, SIGTERM) stopped; the suite
+    stopped there, with that run resumable and no report built.
+    """
 
     suite: Suite
     runs_dir: Path
@@ -205,6 +238,9 @@ class SuiteResult:
     failed: list[str] = field(default_factory=list)
     report: Any = None
     seconds: float = 0.0
+    interrupted: str | None = None
+    interrupted_at: int | None = None
+    signal: int | None = None
 
 
 def run_suite(spec: str | Path, *, runs_root: Path = Path("runs"),
@@ -217,44 +253,52 @@ def run_suite(spec: str | Path, *, runs_root: Path = Path("runs"),
     A completed run with the same configuration is skipped; an interrupted or still-"running"
     one (killed) is resumed from its checkpoint; a run with a different configuration is an
     error (delete it or change the suite's name), so a report never mixes settings silently.
-    A run that fails (non-finite loss) is kept as failed and shown by the report.
+    A run that fails (non-finite loss) is kept as failed and shown by the report. A run stopped
+    by SIGINT or SIGTERM stops the suite: no further run, no report (``result.interrupted``).
+
+    Everything that can be found wrong before training (the suite, existing runs, the device,
+    the report's formats and folder) is checked before the first run starts.
     """
     import time
 
-    from gradlab.runs import RunError, read_run_json
-    from gradlab.training import NonFiniteError, train
+    from gradlab.training import NonFiniteError, resolve_device, train
 
     suite = load_suite(spec)
     t0 = time.perf_counter()
     runs_dir = Path(runs_root) / suite.name
     result = SuiteResult(suite, runs_dir)
-    for run_name, cfg in suite.configs():
-        path = runs_dir / run_name
-        resume = False
-        if (path / "run.json").exists():
-            info = read_run_json(path)
-            if info.get("config") != cfg.to_dict():
-                raise SuiteError(f"{path} was trained with another configuration than suite "
-                                 f"{suite.name!r} asks for; move it away or rename the suite")
-            status = info.get("status")
-            if status == "completed" or (status == "failed" and info.get("failure", {})
-                                         and info["failure"].get("step") is not None):
-                result.skipped.append(run_name)
-                if on_run:
-                    on_run(run_name, "skipped")
-                continue
-            resume = True
+    plan = _plan(suite, runs_dir)
+    for device in sorted({cfg.device for _, cfg, _ in plan}):
+        resolve_device(device)  # e.g. cuda asked for on a machine without one
+    if report:
+        _check_report_target(formats, Path(reports_root) / suite.name)
+    for run_name, cfg, action in plan:
+        if action == "skipped":
+            result.skipped.append(run_name)
+            if on_run:
+                on_run(run_name, "skipped")
+            continue
+        resume = action == "resuming"
+        if not resume:
+            for leftover in _empty_leftover(runs_dir / run_name):
+                leftover.rmdir()
         if on_run:
-            on_run(run_name, "resuming" if resume else "training")
+            on_run(run_name, action)
         try:
-            train(cfg, runs_dir, run_name, resume=resume, progress=progress)
+            out = train(cfg, runs_dir, run_name, resume=resume, progress=progress)
         except NonFiniteError:
             result.failed.append(run_name)
             continue
-        except RunError:
-            raise
+        if out.status == "interrupted":
+            # The run is checkpointed and marked interrupted (resumable); a user who pressed
+            # Ctrl-C or a scheduler that sent SIGTERM wants the whole suite to stop now.
+            result.interrupted, result.interrupted_at = run_name, out.steps
+            result.signal = out.signal
+            if on_run:
+                on_run(run_name, "interrupted")
+            break
         (result.resumed if resume else result.trained).append(run_name)
-    if report:
+    if report and result.interrupted is None:
         from gradlab.report import build_report
 
         result.report = build_report([runs_dir], Path(reports_root) / suite.name,
@@ -269,3 +313,73 @@ def run_suite(spec: str | Path, *, runs_root: Path = Path("runs"),
             pass
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _plan(suite: Suite, runs_dir: Path) -> list[tuple[str, TrainConfig, str]]:
+    """(run name, config, "skipped" | "resuming" | "training") of every run, read from the run
+    directories already there; a conflict with one of them is raised before anything trains."""
+    from gradlab.runs import read_run_json
+
+    plan = []
+    for run_name, cfg in suite.configs():
+        path = runs_dir / run_name
+        if not (path / "run.json").exists():
+            _empty_leftover(path)  # refuses a folder holding files before anything trains
+            plan.append((run_name, cfg, "training"))
+            continue
+        info = read_run_json(path)
+        if info.get("config") != cfg.to_dict():
+            raise SuiteError(f"{path} was trained with another configuration than suite "
+                             f"{suite.name!r} asks for; move it away or rename the suite")
+        status, failure = info.get("status"), info.get("failure")
+        # A non-finite failure at a known step would fail the same way again: keep it as it is.
+        # Any other state (interrupted, killed while "running", crashed) resumes.
+        done = status == "completed" or (status == "failed" and isinstance(failure, dict)
+                                         and failure.get("step") is not None)
+        plan.append((run_name, cfg, "skipped" if done else "resuming"))
+    return plan
+
+
+def _empty_leftover(path: Path) -> list[Path]:
+    """The folders (deepest first) of a run directory that has no run.json and holds no file:
+    what a run killed while creating its directory leaves, safe to remove so it can start.
+    Anything that holds a file is refused, never deleted."""
+    if not (path.exists() or path.is_symlink()):
+        return []
+    if path.is_dir() and not path.is_symlink():
+        entries = sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+        if all(e.is_dir() and not e.is_symlink() for e in entries):
+            return [*entries, path]
+    raise SuiteError(f"{path} exists but is not a gradlab run (no run.json); move it away")
+
+
+def _check_report_target(formats: tuple[str, ...], out_dir: Path) -> None:
+    """Refuse unknown report formats and a report folder that cannot be written, before any
+    training. Folders created for the check are removed again (nothing is left on error)."""
+    import tempfile
+
+    from gradlab.report import FORMATS
+
+    for f in formats:
+        if f not in FORMATS:
+            raise SuiteError(f"unknown report format {f!r} (choose from {', '.join(FORMATS)})")
+    if not formats:
+        return  # verdicts and figures only: nothing is written
+    created = []
+    p = out_dir
+    while not (p.exists() or p.is_symlink()) and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A real write is the only reliable check (permissions, read-only mounts, ACLs).
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise SuiteError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+    finally:
+        for d in created:  # deepest first; one that something else filled meanwhile stays
+            try:
+                d.rmdir()
+            except OSError:
+                pass
