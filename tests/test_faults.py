@@ -579,6 +579,6 @@ def test_checkpoints_are_loaded_weights_only(tmp_path, monkeypatch) -> None:
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     good = tmp_path / "good.pt"
-    torch.save({"format": 1, "model": {"w": torch.ones(2)}, "step": 3}, good)
+    torch.save({"format": 1, "model": {"w": torch.ones(2)}, "step": 3, "parts": []}, good)
     assert ckpt.load(good)["step"] == 3
     assert seen and all(kw.get("weights_only") is True for kw in seen)
