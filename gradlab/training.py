@@ -65,6 +65,9 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available (try --device auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s), numbered from 0")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
                                   and torch.backends.mps.is_available()):
         raise ConfigError("--device mps: MPS is not available (try --device auto)")

@@ -181,3 +181,16 @@ def test_ints_are_accepted_where_floats_are_and_kept_exactly() -> None:
     d = {**TrainConfig().to_dict(), "lr": 1, "epochs": 3, "weight_decay": 0}
     cfg = TrainConfig.from_dict(d).validate()
     assert cfg.to_dict() == d
+
+
+def test_cuda_index_beyond_the_machine_is_a_config_error(monkeypatch) -> None:
+    # (Checked where the device is resolved: only there is the number of GPUs known.)
+    import torch
+
+    from gradlab.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"--device cuda:2: this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
