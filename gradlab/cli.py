@@ -141,8 +141,9 @@ def probe(
     shortcut: Annotated[Shortcut, typer.Option(help="Residual shortcut at downsampling blocks: "
                                                     "A = zero-padded identity, B = 1x1 "
                                                     "projection.")] = Shortcut.A,
-    zero_init_residual: Annotated[bool, typer.Option(help="Start each block's last BN gamma at "
-                                                          "0 (Goyal et al. 2017).")] = False,
+    zero_init_residual: Annotated[bool, typer.Option(help="Start each residual block's last BN "
+                                                          "gamma at 0 (Goyal et al. 2017); plain "
+                                                          "nets ignore it.")] = False,
     device: Annotated[DeviceName, typer.Option(help="auto: cuda, then mps, then cpu.")
                       ] = DeviceName.auto,
     amp: Annotated[Amp, typer.Option(help="bf16 autocast (auto: on for CUDA GPUs with "

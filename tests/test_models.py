@@ -273,3 +273,18 @@ def test_outputs_do_not_depend_on_spatial_size() -> None:
     m = create_model("resnet20").eval()
     for size in (8, 16, 32):
         assert m(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def test_zero_init_residual_leaves_plain_nets_as_they_are() -> None:
+    # A plain block has no residual branch: zeroing its bn2 would zero the signal for good
+    # (relu(0) = 0 passes no gradient), so plain nets ignore the option.
+    torch.manual_seed(0)
+    zeroed = create_model("plain20", zero_init_residual=True)
+    torch.manual_seed(0)
+    default = create_model("plain20")
+    for (n, a), (_, b) in zip(zeroed.state_dict().items(), default.state_dict().items(),
+                              strict=True):
+        assert torch.equal(a, b), n
+    x = torch.randn(4, 3, 8, 8)
+    F.cross_entropy(zeroed(x), torch.tensor([0, 1, 2, 3])).backward()
+    assert zeroed.layer1[0].conv1.weight.grad.abs().sum() > 0

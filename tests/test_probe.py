@@ -827,3 +827,80 @@ def test_values_after_a_failed_forward_and_after_many_forwards_without_a_snapsho
             assert math.isclose(rows(probe.collect(), "response_std")["bn1"], seen["s"].item(),
                                 rel_tol=1e-5)
     handle.remove()
+
+
+# -- unusual models ------------------------------------------------------------------------------
+def test_a_residual_add_directly_under_a_model_that_is_not_a_block() -> None:
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.add, self.head = nn.Linear(6, 6), ResidualAdd(), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.add(self.lin(x), x))
+
+    torch.manual_seed(0)
+    model = Root()
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    with Probe(model) as probe:
+        F.cross_entropy(model(x), y).backward()
+        frame = probe.collect()
+    # Its layers are measured; the add, whose block would be the model itself, is not.
+    assert set(rows(frame, "grad_norm").index) == {"lin", "head"}
+    assert math.isclose(rows(frame, "grad_norm")["lin"],
+                        torch.cat([p.grad.flatten() for p in model.lin.parameters()]).norm().item(),
+                        rel_tol=1e-5)
+    assert "residual_ratio" not in set(frame.metric)
+
+
+@pytest.mark.parametrize("momentum", [0.0, None], ids=["momentum-0", "cumulative"])
+def test_batchnorm_whose_running_variance_does_not_hold_the_batch(momentum) -> None:
+    # momentum 0 keeps the running variance as it was; None averages all batches so far: the
+    # batch variance cannot be read back from them, so the response is measured directly.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)).train()
+    x = torch.randn(8, 3, 6, 6)
+    seen = []
+    model[1].register_forward_hook(lambda m, a, o: seen.append(o.detach().double()))
+    with Probe(model) as probe:
+        for _ in range(2):  # (the cumulative average needs more than one batch to differ)
+            F.cross_entropy(model(x * (1 + len(seen))), torch.tensor([0, 1, 2] * 2 + [0, 1]))\
+                .backward()
+            frame = probe.collect()
+    std = rows(frame, "response_std")["1"]
+    assert math.isfinite(std) and math.isclose(std, seen[-1].std().item(), rel_tol=1e-5)
+
+
+def test_a_module_called_twice_reports_one_call_for_both_metrics() -> None:
+    # The last call's response_std and the gradient reaching that same call (backward reaches
+    # the earlier call later: it must not overwrite it).
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), \
+                nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            h = self.bn(torch.relu(h) * 2.0 + 1.0)
+            return self.head(h.mean((2, 3)))
+
+    for fused in (None, False):
+        torch.manual_seed(0)
+        model = Twice().train()
+        outs = []
+        model.bn.register_forward_hook(lambda m, a, o, outs=outs: outs.append(o))
+        x, y = torch.randn(6, 3, 5, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+        with Probe(model, fused=fused) as probe:
+            logits = model(x)
+            for o in outs:
+                o.retain_grad()
+            F.cross_entropy(logits, y).backward()
+            frame = probe.collect()
+        last = outs[-1]
+        assert not torch.allclose(outs[0].grad.norm(), last.grad.norm())
+        assert math.isclose(rows(frame, "response_grad_norm")["bn"], last.grad.norm().item(),
+                            rel_tol=1e-5), fused
+        assert math.isclose(rows(frame, "response_std")["bn"],
+                            last.detach().double().std().item(), rel_tol=1e-5), fused

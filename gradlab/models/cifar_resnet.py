@@ -121,9 +121,11 @@ class CifarResNet(nn.Module):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
             # Goyal et al. 2017: gamma = 0 in each block's last BN makes F(x) = 0 at init, so every
-            # residual block starts as the identity (for plain blocks it zeroes the signal).
+            # residual block starts as the identity. A plain block has no residual branch: there
+            # it would zero the signal (relu(0) = 0, and no gradient gets through), so a plain net
+            # ignores the option and a suite can set it for plain and residual nets alike.
             for m in self.modules():
-                if isinstance(m, BasicBlock):
+                if isinstance(m, BasicBlock) and m.residual:
                     nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

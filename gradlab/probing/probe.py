@@ -161,7 +161,11 @@ class Probe:
         add_parent = {n.rpartition(".")[0]: n for n, _ in adds}
         self._blocks = [(n, m) for n, m in named
                         if isinstance(m, BasicBlock) or (n in add_parent and n)]
-        self._adds = [(n.rpartition(".")[0], m) for n, m in adds]
+        # A ResidualAdd is measured as part of its block: not one whose parent is a model that
+        # is not a gradlab block (the root's name "" belongs to model-wide rows there).
+        blocks = {n for n, _ in self._blocks}
+        self._adds = [(b, m) for b, m in ((n.rpartition(".")[0], m) for n, m in adds)
+                      if b in blocks]
         # Blocks whose output is known to be relu(F + s): gradlab's own, with a stock ReLU.
         self._relu_blocks = {n for n, m in named if type(m) is BasicBlock
                              and type(getattr(m, "relu2", None)) is nn.ReLU}
@@ -184,6 +188,10 @@ class Probe:
         # Whether the last forward of the model was traced by torch.compile (the grad hooks
         # are then tensor hooks, which Dynamo supports, instead of autograd-node pre-hooks).
         self._traced = False
+        # The gradient hook of each response's latest call (until the snapshot): a module called
+        # again drops its earlier call's hook, so response_grad_norm is the same call's as
+        # response_std (the last one; backward reaches earlier calls later).
+        self._grad_handles: dict[str, object] = {}
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> Probe:
@@ -272,6 +280,8 @@ class Probe:
         self._attached = False
         self._remove_order_hooks()
         self._unregister()
+        while self._grad_handles:  # gradient hooks of a forward not yet backpropagated
+            self._grad_handles.popitem()[1].remove()
         self._store.clear()
         self._cols.clear()
         self._sums.filled()
@@ -396,7 +406,9 @@ class Probe:
                 return None
             bn_run = self._bn_run
             if (exact_bn and self._bn_start is not None and name not in bn_run
-                    and module.training and module.momentum is not None):
+                    and module.training and module.momentum):
+                # (momentum None, a cumulative average, or 0, no update: the running variance
+                # does not carry this batch's variance; the eager pass below measures it.)
                 # (_bn_start is set only inside a recorded forward of the model.)
                 bn_run[name] = out.numel() // out.shape[1]  # elements per channel
             else:
@@ -407,11 +419,15 @@ class Probe:
                 self._drop_bn(name)
                 self._put(key_std, M.response_std(out.detach()))
             if out.requires_grad:
+                handles = self._grad_handles
+                earlier = handles.get(name)
+                if earlier is not None:  # called again since the last snapshot
+                    earlier.remove()
                 node = out.grad_fn
                 if node is not None and out.output_nr == 0 and not self._traced:
-                    node.register_prehook(node_hook)
+                    handles[name] = node.register_prehook(node_hook)
                 else:
-                    out.register_hook(grad_hook)
+                    handles[name] = out.register_hook(grad_hook)
             return None
         return hook
 
@@ -587,6 +603,7 @@ class Probe:
         """
         self._freeze_depths()
         self._reset_forward()
+        self._grad_handles.clear()  # the next step's calls are new ones
         layers: list[str] = []
         metrics: list[str] = []
         parts: list[torch.Tensor] = []
