@@ -904,3 +904,37 @@ def test_a_module_called_twice_reports_one_call_for_both_metrics() -> None:
                             rel_tol=1e-5), fused
         assert math.isclose(rows(frame, "response_std")["bn"],
                             last.detach().double().std().item(), rel_tol=1e-5), fused
+
+
+@pytest.mark.parametrize("running_var, momentum", [(1.0, 0.1), (1.0, 0.01), (50.0, 0.1)])
+def test_response_std_of_a_channel_far_below_its_running_variance(running_var, momentum) -> None:
+    # A constant channel and one scaled by 1e-3, under running variances of 1 or 50: read back
+    # from the running variances (float32), the batch variance cancels (errors of 6e-4 to 2e-2
+    # were seen); BatchNorm's own saved 1/sqrt(v + eps) gives it exactly.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(4, momentum=momentum), nn.Flatten(),
+                          nn.Linear(64, 3)).train()
+    model[0].running_var.fill_(running_var)
+    x = torch.randn(8, 4, 4, 4)
+    x[:, 0] = 0.7
+    x[:, 1] *= 1e-3
+    seen = []
+    model[0].register_forward_hook(lambda m, a, o: seen.append(o.detach().double()))
+    with Probe(model) as probe:
+        F.cross_entropy(model(x), torch.tensor([0, 1, 2] * 2 + [0, 1])).backward()
+        frame = probe.collect()
+    assert math.isclose(rows(frame, "response_std")["0"], seen[-1].std().item(), rel_tol=1e-6)
+
+
+def test_response_std_from_running_variances_where_no_node_saved_them() -> None:
+    # Nothing requires a gradient: the BatchNorm has no autograd node, and its response_std
+    # comes from the running variances alone (well conditioned here).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    model.requires_grad_(False)
+    seen = []
+    model[1].register_forward_hook(lambda m, a, o: seen.append(o.detach().double()))
+    with Probe(model) as probe:
+        model(torch.randn(8, 3, 6, 6))
+        frame = probe.collect()
+    assert math.isclose(rows(frame, "response_std")["1"], seen[-1].std().item(), rel_tol=1e-5)

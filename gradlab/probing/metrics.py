@@ -94,7 +94,7 @@ class BNConstants:
 
 
 def bn_response_stds(bns: list, before: torch.Tensor, after: torch.Tensor,
-                     k: BNConstants) -> torch.Tensor:
+                     k: BNConstants, invstd: torch.Tensor | None = None) -> torch.Tensor:
     """response_std of many BatchNorms in training mode (float ``momentum``), exactly, from
     what each computed, in one set of ops (about 20 for a whole network).
 
@@ -103,8 +103,13 @@ def bn_response_stds(bns: list, before: torch.Tensor, after: torch.Tensor,
     after the forward (``before``/``after``: concatenated C-vectors). Per channel c (``count``
     elements each) the output has mean beta_c and sum of squared deviations
     count * gamma_c^2 * v_c / (v_c + eps); the total adds count * (beta_c - mean(beta))^2.
-    Cancellation in the difference barely matters: v enters only through v / (v + eps), whose
-    relative sensitivity to v is eps / (v + eps). gamma and beta are read from the modules
+    v enters only through v / (v + eps). Recovered from the running variances (float32), v carries
+    an absolute error of about 6e-8 * after / m, which matters for a channel whose batch
+    variance is far below its running variance (v / (v + eps) is then off by up to that error
+    over eps: a 2% error in a response_std was seen). So ``invstd`` (C-vector, NaN where
+    unknown), the 1/sqrt(v + eps) that BatchNorm itself computed and saved for backward, gives
+    v / (v + eps) = 1 - eps * invstd^2 wherever it is known, with an absolute error of about
+    1e-7. gamma and beta are read from the modules
     (unchanged until the optimizer step); per-BatchNorm sums go by ``index_add`` over the
     channel-to-BatchNorm ``segment`` index.
     """
@@ -122,7 +127,14 @@ def bn_response_stds(bns: list, before: torch.Tensor, after: torch.Tensor,
     var = ((after - (1 - k.momentum) * before) / k.momentum * ((k.count - 1) / k.count))
     var = var.clamp_min(0)
     beta_mean = torch.zeros(n_bn, device=beta.device).index_add_(0, k.segment, beta) / k.channels
-    within = gamma.square() * (var / (var + k.eps))
+    frac = var / (var + k.eps)
+    if invstd is not None:
+        if invstd.numel() != frac.numel():
+            raise ValueError(f"invstd holds {invstd.numel()} channels, the BatchNorms "
+                             f"{frac.numel()}")
+        inv = invstd.float()
+        frac = torch.where(torch.isnan(inv), frac, (1 - k.eps * inv.square()).clamp_min(0))
+    within = gamma.square() * frac
     between = (beta - beta_mean[k.segment]).square()
     total = torch.zeros(n_bn, device=beta.device).index_add_(0, k.segment, within + between)
     return torch.sqrt(total * k.unbias)

@@ -76,6 +76,18 @@ def _exact_bn(module: nn.Module) -> bool:
         module.track_running_stats
 
 
+_INVSTD_NODES: dict[type, bool] = {}
+
+
+def _saves_invstd(node) -> bool:
+    """Whether an autograd node is BatchNorm's native one, whose ``_saved_result2`` is the batch's
+    1/sqrt(v + eps) per channel (by node class, looked up once per class)."""
+    kind = _INVSTD_NODES.get(type(node))
+    if kind is None:
+        kind = _INVSTD_NODES[type(node)] = type(node).__name__ == "NativeBatchNormBackward0"
+    return kind
+
+
 def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
@@ -133,10 +145,15 @@ class Probe:
         # BatchNorms are read in one cat when a recorded forward of the model starts and in
         # another when it ends; the BatchNorms that ran once in between (name -> elements per
         # channel, -1 if it ran twice) get response_std from those in snapshot(), all at once.
+        # Where the BatchNorm's autograd node saved its 1/sqrt(v + eps) (CPU and native CUDA
+        # kernels), that is kept too (name -> C-vector): v / (v + eps) then needs no difference
+        # of running variances, which cancels badly for a channel with v far below them.
         self._in_forward = False
         self._bn_start: torch.Tensor | None = None
         self._bn_run: dict[str, int] = {}
-        self._bn_forwards: list[tuple[torch.Tensor, torch.Tensor, dict[str, int]]] = []
+        self._bn_inv: dict[str, torch.Tensor] = {}
+        self._bn_forwards: list[tuple[torch.Tensor, torch.Tensor, dict[str, int],
+                                      dict[str, torch.Tensor]]] = []
         self._bn_consts: dict[tuple, M.BNConstants] = {}
         # gradlab blocks reduced by the add's fused pass: the shortcut (held from the add's hook
         # to the block's, which follows it) and the columns of ||h - s||^2, ||s||^2
@@ -271,6 +288,7 @@ class Probe:
         self._in_forward = False
         self._bn_start = None
         self._bn_run = {}
+        self._bn_inv = {}
         self._shortcut_norms.clear()
         self._block_sums.clear()
         self._out_sq = None
@@ -353,7 +371,8 @@ class Probe:
             end = self._running_vars()
             if end is not None:
                 self._drop_bn(*run)  # this forward's values replace earlier ones
-                self._bn_forwards.append((self._bn_start, end, run))
+                inv = {n: t for n, t in self._bn_inv.items() if n in run}
+                self._bn_forwards.append((self._bn_start, end, run, inv))
         self._bn_start = None
         return None
 
@@ -364,7 +383,7 @@ class Probe:
             for name in names:
                 store.pop((name, "response_std"), None)
         if self._bn_forwards:
-            for _, _, run in self._bn_forwards:
+            for _, _, run, _ in self._bn_forwards:
                 for name in names:
                     run.pop(name, None)
             self._bn_forwards = [f for f in self._bn_forwards if f[2]]
@@ -411,6 +430,9 @@ class Probe:
                 # does not carry this batch's variance; the eager pass below measures it.)
                 # (_bn_start is set only inside a recorded forward of the model.)
                 bn_run[name] = out.numel() // out.shape[1]  # elements per channel
+                node = out.grad_fn
+                if node is not None and _saves_invstd(node):
+                    self._bn_inv[name] = node._saved_result2  # read now: backward frees it
             else:
                 # Not inside a recorded forward of the model, a second call within one, eval
                 # mode, another BatchNorm class or the final Linear: one pass over the output.
@@ -510,7 +532,7 @@ class Probe:
         self._bn_forwards.clear()
         names: list[str] = []
         parts: list[torch.Tensor] = []
-        for start, end, run in forwards:
+        for start, end, run, inv in forwards:
             mods = [self._bn_all[self._bn_index[n]][1] for n in run]
             # Momentum, eps, sizes and device are read every time: a user may change them
             # (by map with C callables: no Python call per BatchNorm).
@@ -531,7 +553,12 @@ class Probe:
                 whole = len(run) == len(self._bn_all) and list(run) == list(self._bn_index)
                 consts = self._bn_consts[key] = M.BNConstants.build(
                     layout, None if whole else channels)
-            parts.append(M.bn_response_stds(mods, start, end, consts))
+            invstd = None
+            if inv:  # C-vectors in run's order; NaN where a BatchNorm's node saved none
+                invstd = torch.cat([t if (t := inv.get(n)) is not None and t.numel() == c
+                                    else torch.full((c,), float("nan"), device=end.device)
+                                    for n, c in zip(run, key[1], strict=True)])
+            parts.append(M.bn_response_stds(mods, start, end, consts, invstd))
             names += list(run)
         return (names, torch.cat(parts)) if parts else None
 
