@@ -433,8 +433,8 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
             and rd.info.get("status") == "completed":
         # Nothing left to train: the run stays exactly as it is (final values, finish time,
         # event files).
-        return TrainResult(rd.path, "completed", state["step"], dict(rd.info.get("final") or {}),
-                           0.0, None, None)
+        return TrainResult(rd.path, "completed", state["step"], _previous_final(rd), 0.0, None,
+                           None)
     tr = Trainer(cfg, data, device, probe=probe)  # resolves the fast path once: tr.amp, tr.cl
     model, opt, gen, prb = tr.model, tr.opt, tr.gen, tr.probe
     start = 0
@@ -463,7 +463,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     ckpt_every = cfg.checkpoint_every or max(cfg.every, min(1000, steps // 4 or 1))
     eval_every = cfg.eval_every or max(1, steps // 10)
     # A resumed run keeps its last final values until new ones are measured.
-    final: dict[str, float] = dict(rd.info.get("final") or {}) if resume else {}
+    final: dict[str, float] = _previous_final(rd) if resume else {}
     failure: dict[str, Any] | None = None
     status = "completed"
     t_start = time.perf_counter()
@@ -561,6 +561,13 @@ def _finish(sink: _Sink, rd: RunDir, dash, status: str, failure, final, bar, pre
             dash.close(final, status=status)
         rd.mark(status, failure=failure, final=final)
         _restore_signal_handlers(previous)
+
+
+def _previous_final(rd: RunDir) -> dict[str, float]:
+    """The final values run.json holds (a damaged entry counts as none)."""
+    final = rd.info.get("final")
+    return {k: v for k, v in final.items() if isinstance(v, (int, float))} \
+        if isinstance(final, dict) else {}
 
 
 def _final_scalars(cols: dict[str, np.ndarray]) -> dict[str, float]:
