@@ -387,7 +387,20 @@ def _fetch_into(data_dir: Path) -> None:
         if not src.is_dir():
             raise DataError(f"the CIFAR-10 archive from {CIFAR10_URL} has no {FOLDER}/ folder")
         dest = data_dir / FOLDER
-        if dest.exists():
-            # An incomplete earlier copy: move it aside into tmp, which is deleted on exit.
-            dest.rename(tmp / "previous")
+        if find_batches(data_dir) is not None:
+            return  # another process sharing the folder finished first: keep its copy
+        if dest.exists() or dest.is_symlink():
+            # An incomplete earlier copy: moved aside and kept (it may hold files of the
+            # user's), never deleted.
+            aside = _free_name(data_dir, f"{FOLDER}.incomplete")
+            dest.rename(aside)
+            log.warning("CIFAR-10: the incomplete %s was moved to %s", dest, aside)
         os.replace(src, dest)
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    """``folder/stem``, or ``folder/stem.N`` for the first N not taken."""
+    path, n = folder / stem, 1
+    while path.exists() or path.is_symlink():
+        path, n = folder / f"{stem}.{n}", n + 1
+    return path

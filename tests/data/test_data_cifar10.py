@@ -246,7 +246,17 @@ def test_download_replaces_incomplete_copy(
     target = tmp_path / "data"
     (target / cifar.FOLDER).mkdir(parents=True)
     (target / cifar.FOLDER / "data_batch_1").write_bytes(b"partial")
+    (target / cifar.FOLDER / "notes.txt").write_text("mine\n")
     assert load_dataset("cifar10", target).train_size == 5 * PER_BATCH
+    # The incomplete copy is kept beside the new one, with whatever else it held.
+    aside = target / f"{cifar.FOLDER}.incomplete"
+    assert (aside / "notes.txt").read_text() == "mine\n"
+    assert (aside / "data_batch_1").read_bytes() == b"partial"
+    # A second incomplete copy does not take the first one's place.
+    shutil.rmtree(target / cifar.FOLDER)
+    (target / cifar.FOLDER).mkdir()
+    assert load_dataset("cifar10", target).train_size == 5 * PER_BATCH
+    assert (aside / "notes.txt").exists() and (target / f"{cifar.FOLDER}.incomplete.1").is_dir()
 
 
 def test_md5_mismatch_is_rejected(
@@ -408,3 +418,23 @@ def test_corrupt_meta_names_the_file(tmp_path: Path) -> None:
     meta.write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}, protocol=2))
     with pytest.raises(DataError, match="batches.meta"):
         load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_a_copy_finished_meanwhile_by_another_process_is_kept(
+    tmp_path: Path, archive: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two jobs sharing a data folder download at once: the one that finishes second must not
+    # move the first one's complete copy away (the first may be reading it).
+    target = tmp_path / "data"
+    _serve(monkeypatch, archive, _md5(archive))
+    fetch = cifar._fetch
+
+    def slow_fetch(url: str, dest: Path, timeout: float) -> None:
+        write_cifar(target)  # the other job's complete copy lands meanwhile
+        (target / cifar.FOLDER / "theirs").write_text("")
+        fetch(url, dest, timeout)
+
+    monkeypatch.setattr(cifar, "_fetch", slow_fetch)
+    assert load_dataset("cifar10", target).train_size == 5 * PER_BATCH
+    assert (target / cifar.FOLDER / "theirs").exists()
+    assert sorted(p.name for p in target.iterdir()) == [cifar.FOLDER]
