@@ -109,6 +109,13 @@ class Probe:
     In gradlab's own residual blocks the add's hook also records bn2 (whose output is the add's
     first operand), so a block's bn2 called on its own, outside the block, is not measured.
 
+    Between two snapshots each module's values are those of its latest call: a module called
+    twice in a forward reports its last call (both its response and the gradient reaching it),
+    and with several forward/backward passes before one snapshot (gradient accumulation)
+    ``grad_norm`` is that of the accumulated ``.grad`` while the response and block metrics are
+    the last pass's. A block holds one residual sum: a second ResidualAdd under the same parent
+    replaces the first's values.
+
     Hooks record only while :attr:`enabled` is true and autograd is on (evaluation passes under
     ``torch.no_grad()`` are ignored); a training loop flips :attr:`enabled` on logged steps only.
     A disabled probe holds no hooks at all (module calls take PyTorch's hook-free fast path), so
