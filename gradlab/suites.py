@@ -355,31 +355,10 @@ def _empty_leftover(path: Path) -> list[Path]:
 
 def _check_report_target(formats: tuple[str, ...], out_dir: Path) -> None:
     """Refuse unknown report formats and a report folder that cannot be written, before any
-    training. Folders created for the check are removed again (nothing is left on error)."""
-    import tempfile
+    training (nothing is left on disk by the check)."""
+    from gradlab.report import ReportError, check_output
 
-    from gradlab.report import FORMATS
-
-    for f in formats:
-        if f not in FORMATS:
-            raise SuiteError(f"unknown report format {f!r} (choose from {', '.join(FORMATS)})")
-    if not formats:
-        return  # verdicts and figures only: nothing is written
-    created = []
-    p = out_dir
-    while not (p.exists() or p.is_symlink()) and p != p.parent:
-        created.append(p)
-        p = p.parent
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # A real write is the only reliable check (permissions, read-only mounts, ACLs).
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise SuiteError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
-    finally:
-        for d in created:  # deepest first; one that something else filled meanwhile stays
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+        check_output(out_dir, formats)
+    except ReportError as e:
+        raise SuiteError(str(e)) from None

@@ -7,6 +7,7 @@ float64 references.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -83,8 +84,9 @@ class Interrupt(RuntimeError):
     """Raised by :func:`interrupt_at`: a stand-in for a run stopped from outside."""
 
 
-def interrupt_at(step: int):
-    """An on_model callback whose hook raises at the start of training step ``step``."""
+def interrupt_at(step: int, signal_number: int | None = None):
+    """An on_model callback whose hook raises at the start of training step ``step`` (or sends
+    this process ``signal_number`` there, e.g. a real SIGINT)."""
 
     def on_model(model):
         seen = []
@@ -92,9 +94,28 @@ def interrupt_at(step: int):
         def pre(mod, args):
             if mod.training and torch.is_grad_enabled():
                 if len(seen) == step:
-                    raise Interrupt(f"stopped at step {step}")
+                    if signal_number is not None:
+                        os.kill(os.getpid(), signal_number)
+                    else:
+                        raise Interrupt(f"stopped at step {step}")
                 seen.append(1)
 
         model.register_forward_pre_hook(pre)
 
     return on_model
+
+
+#: A suite that trains in seconds (two 6-step runs on digits); tests append [train] keys.
+TINY_SUITE = """\
+name = "tiny"
+dataset = "digits"
+models = ["resnet8", "plain8"]
+seeds = [0]
+steps = 6
+every = 2
+claims = ["degradation"]
+
+[train]
+batch_size = 16
+checkpoint_every = 2
+"""

@@ -7,7 +7,7 @@ import dataclasses
 import math
 
 import pytest
-from helpers import invoke, one_line_error
+from helpers import TINY_SUITE, invoke, one_line_error
 
 from gradlab.config import ConfigError, TrainConfig
 
@@ -50,18 +50,7 @@ def test_bad_probe_options_are_one_line_and_write_nothing(args, words, tmp_path)
     assert not list(tmp_path.iterdir()), "a run directory was left behind"
 
 
-SUITE = """\
-name = "tiny"
-dataset = "digits"
-models = ["resnet8"]
-seeds = [0]
-steps = 6
-every = 2
-claims = ["degradation"]
-
-[train]
-batch_size = 16
-"""
+SUITE = TINY_SUITE
 
 
 @pytest.mark.parametrize("text, words", [

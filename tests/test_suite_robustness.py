@@ -12,8 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import assert_same_run, invoke, one_line_error, snapshot
+from helpers import (
+    TINY_SUITE,
+    assert_same_run,
+    interrupt_at,
+    invoke,
+    one_line_error,
+    snapshot,
+)
 
 import gradlab.training
 from gradlab.suites import SuiteError, _check_report_target, load_suite
@@ -21,19 +27,7 @@ from gradlab.training import TrainResult, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = """\
-name = "tiny"
-dataset = "digits"
-models = ["resnet8", "plain8"]
-seeds = [0]
-steps = 6
-every = 2
-claims = ["degradation"]
-
-[train]
-batch_size = 16
-checkpoint_every = 2
-"""
+TINY = TINY_SUITE
 
 
 @pytest.fixture
@@ -72,28 +66,12 @@ def test_an_interrupted_run_stops_the_suite(sig, code, suite_file, monkeypatch) 
     assert not (suite_file.parent / "reports").exists(), "a report was built"
 
 
-def _sigint_at(step: int):
-    """An on_model callback that sends this process a real SIGINT at training step ``step``."""
-
-    def on_model(model):
-        seen = []
-
-        def pre(mod, args):
-            if mod.training and torch.is_grad_enabled():
-                if len(seen) == step:
-                    os.kill(os.getpid(), signal.SIGINT)
-                seen.append(1)
-
-        model.register_forward_pre_hook(pre)
-
-    return on_model
-
-
 def test_a_real_sigint_leaves_the_run_resumable_and_the_rerun_finishes_it(suite_file,
                                                                           monkeypatch) -> None:
     real_train = gradlab.training.train
+    sigint = interrupt_at(3, signal.SIGINT)
     monkeypatch.setattr(gradlab.training, "train",
-                        lambda *a, **kw: real_train(*a, on_model=_sigint_at(3), **kw))
+                        lambda *a, **kw: real_train(*a, on_model=sigint, **kw))
     result = _run(suite_file, "--no-report")
     assert result.exit_code == 130, result.output
     runs = suite_file.parent / "runs" / "tiny"
@@ -146,7 +124,7 @@ def test_a_folder_named_like_a_bundled_suite_does_not_hide_it(tmp_path, monkeypa
     before = snapshot(tmp_path)
     # It resolves (the error is about the format), and nothing trains.
     one_line_error(invoke("run", "near-identity", "--runs", ".", "--format", "docx"),
-                   "unknown report format", "docx")
+                   "unknown format", "docx")
     assert snapshot(tmp_path) == before
 
 
@@ -172,8 +150,8 @@ def test_an_existing_file_without_toml_suffix_is_a_suite_file(tmp_path) -> None:
 
 # -- 3. report options are checked before training ------------------------------------------------
 @pytest.mark.parametrize("extra, words", [
-    (["--format", "docx"], ["unknown report format 'docx'", "html, pdf"]),
-    (["--format", "html,docx"], ["unknown report format 'docx'"]),
+    (["--format", "docx"], ["unknown format 'docx'", "html, pdf"]),
+    (["--format", "html,docx"], ["unknown format 'docx'"]),
     (["--format", ","], ["--format", "no format"]),
     (["--format", ""], ["--format", "no format"]),
 ])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from helpers import (
+    TINY_SUITE,
     Interrupt,
     assert_same_run,
     checkpoint,
@@ -21,19 +22,7 @@ from gradlab.training import train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-GOOD = """\
-name = "tiny"
-dataset = "digits"
-models = ["resnet8", "plain8"]
-seeds = [0]
-steps = 6
-every = 2
-claims = ["degradation"]
-
-[train]
-batch_size = 16
-checkpoint_every = 2
-"""
+GOOD = TINY_SUITE
 
 
 def test_bundled_suites_load() -> None:

@@ -13,6 +13,7 @@ package (e.g. for :data:`CLAIMS`) stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import difflib
 import os
@@ -26,7 +27,7 @@ from gradlab.report.errors import ReportError
 from gradlab.report.load import LoadedRun, RunSet, load_runs
 from gradlab.report.tables import VERDICT_COLUMNS, markdown_table, verdict_rows
 
-__all__ = ["CLAIMS", "FORMATS", "ReportError", "Report", "ClaimResult", "LoadedRun",
+__all__ = ["CLAIMS", "FORMATS", "ReportError", "Report", "check_output", "ClaimResult", "LoadedRun",
            "build_report", "load_runs"]
 
 FORMATS: tuple[str, ...] = ("html", "pdf")
@@ -74,6 +75,27 @@ def _writable_dir(out_dir: Path) -> None:
             pass
     except OSError as e:
         raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+
+
+def check_output(out_dir: str | os.PathLike, formats: Sequence[str]) -> None:
+    """Raise :class:`ReportError` for an unknown format or a report folder that cannot be
+    written, leaving no folder behind that was not there: for a caller that builds the report
+    later (``gradlab run`` checks before it trains)."""
+    _check_choice("format", formats, FORMATS)
+    if not formats:
+        return  # verdicts and figures only: nothing is written
+    out_dir = Path(out_dir)
+    created = []
+    p = out_dir
+    while not (p.exists() or p.is_symlink()) and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        _writable_dir(out_dir)
+    finally:
+        for d in created:  # deepest first; one that something else filled meanwhile stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
