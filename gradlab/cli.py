@@ -192,8 +192,10 @@ def probe(
         typer.echo(f"gradlab: run failed: {e}", err=True)
         sys.exit(1)
     final = ", ".join(f"{k} {v:.4g}" for k, v in result.final.items())
-    typer.echo(f"{result.status}: {result.run_dir} ({result.steps} steps, "
-               f"{result.seconds:.1f} s){'; ' + final if final else ''}")
+    # (train() returns at once, unchanged, a completed run that --resume finds)
+    took = "already completed" if resume and result.seconds == 0 else f"{result.seconds:.1f} s"
+    typer.echo(f"{result.status}: {result.run_dir} ({result.steps} steps, {took})"
+               f"{'; ' + final if final else ''}")
     if result.status == "interrupted":
         sys.exit(128 + (result.signal or 2))  # the shell's convention: 130 SIGINT, 143 SIGTERM
 

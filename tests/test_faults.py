@@ -478,7 +478,7 @@ def test_resuming_a_completed_run_changes_nothing(small_run, tmp_path) -> None:
     result = invoke("probe", "--resume", "--out", tmp_path, "--name", "r20", "-q")
     assert result.exit_code == 0, result.output
     final = json.loads((run / "run.json").read_text())["final"]
-    assert final and result.stdout.startswith(f"completed: {run} (2 steps")
+    assert final and result.stdout.startswith(f"completed: {run} (2 steps, already completed)")
     assert "loss" in result.stdout
     # Final values, finish time, metrics and event files: all as they were.
     assert snapshot(tmp_path, mtimes=True) == before
