@@ -30,8 +30,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["SCHEMA_VERSION", "METRICS_SCHEMA", "RunError", "Run", "RunDir", "MetricWriter",
-           "load_run", "is_run_dir", "find_runs"]
+__all__ = ["SCHEMA_VERSION", "METRICS_SCHEMA", "RunError", "Run", "RunDir", "RunLock",
+           "MetricWriter", "load_run", "is_run_dir", "find_runs"]
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -195,6 +195,48 @@ class RunDir:
             raise ValueError(f"unknown status {status!r}")
         finished = _now() if status != "running" else None
         self.save(status=status, finished=finished, **extra)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by the process that writes the run, so two
+    processes (two ``gradlab run`` of one suite, a ``--resume`` beside a running job) never write
+    one run at once.
+
+    ``flock`` on the directory itself: nothing is written to take it, and the system releases it
+    when the process ends, however it ends. Where there is no ``flock`` (Windows, some network
+    file systems) there is no lock.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def acquire(self, path: Path) -> None:
+        """Lock ``path`` (releasing any directory held before); a directory that is not there
+        is not locked. Raises :class:`RunError` when another process holds it."""
+        self.release()
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunError(f"run directory {path} is being written by another gradlab process; "
+                           "wait for it to end") from None
+        except OSError:  # no flock on this file system
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
 
 
 def _clear_run(path: Path) -> None:

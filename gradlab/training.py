@@ -29,7 +29,7 @@ from gradlab.config import ConfigError, TrainConfig
 from gradlab.data import Dataset, augment, batches, load_dataset, steps_per_epoch, to_device
 from gradlab.models import create_model, model_info
 from gradlab.probing import PendingFrame, Probe
-from gradlab.runs import MetricWriter, RunDir, RunError, git_commit, versions
+from gradlab.runs import MetricWriter, RunDir, RunError, RunLock, git_commit, versions
 
 __all__ = ["train", "TrainResult", "resolve_device", "lr_at", "total_steps", "NonFiniteError"]
 
@@ -391,6 +391,19 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
         on_model: called with the model before training (tests inject faults this way).
         probe: attach the probe (False trains the same way without measuring, for comparisons).
     """
+    # The run directory is locked (RunLock) from before anything in it is read for --resume, or
+    # before an existing one is replaced, until training ends.
+    lock = RunLock()
+    try:
+        return _train(lock, cfg, out, name, resume=resume, force=force, progress=progress,
+                      dashboard=dashboard, on_model=on_model, probe=probe)
+    finally:
+        lock.release()
+
+
+def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *,
+           resume: bool, force: bool, progress: bool, dashboard: bool,
+           on_model: Callable[[nn.Module], None] | None, probe: bool) -> TrainResult:
     from gradlab import checkpoint as ckpt
 
     cfg.validate()
@@ -400,6 +413,7 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
     model_info(cfg.model)  # unknown model / bad depth: fail before touching the disk
     device = resolve_device(cfg.device)
     if resume:
+        lock.acquire(path)
         rd = RunDir.open(path)
         if not isinstance(rd.info.get("config"), dict):
             raise RunError(f"{path}/run.json has no config to resume from")
@@ -448,8 +462,10 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
             ckpt.trim_parts(rd.metrics_dir, [])
         rd.save(status="running", finished=None, resumed_at=start)
     else:
+        lock.acquire(path)  # (with --force: not while another process writes the old one)
         rd = RunDir.create(path, run_info(cfg, data, model, device, steps, tr.amp, tr.cl),
                            force=force)
+        lock.acquire(rd.path)
     if on_model is not None:
         on_model(model)
 

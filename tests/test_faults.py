@@ -582,3 +582,31 @@ def test_checkpoints_are_loaded_weights_only(tmp_path, monkeypatch) -> None:
     torch.save({"format": 1, "model": {"w": torch.ones(2)}, "step": 3, "parts": []}, good)
     assert ckpt.load(good)["step"] == 3
     assert seen and all(kw.get("weights_only") is True for kw in seen)
+
+
+@pytest.mark.parametrize("args", [["--resume"], ["--force"]], ids=["resume", "force"])
+def test_a_run_another_process_writes_is_left_alone(args, small_run, tmp_path) -> None:
+    # Another process holds the run directory's lock (a child, as a real second job would).
+    pytest.importorskip("fcntl")  # (the lock needs flock)
+    run = tmp_path / "r20"
+    shutil.copytree(small_run, run)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+         "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+         "time.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(tmp_path, mtimes=True)
+        result = invoke("probe", "--model", "resnet8", "--steps", 2, "--every", 1,
+                        "--batch-size", 8, "--device", "cpu", "--no-tensorboard", "-q",
+                        "--out", tmp_path, "--name", "r20", *args)
+        one_line_error(result, "being written by another gradlab process")
+        assert snapshot(tmp_path, mtimes=True) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once that process is gone, the run is the command's again.
+    result = invoke("probe", "--model", "resnet8", "--steps", 2, "--every", 1,
+                    "--batch-size", 8, "--device", "cpu", "--no-tensorboard", "-q",
+                    "--out", tmp_path, "--name", "r20", *args)
+    assert result.exit_code == 0, result.output
