@@ -430,6 +430,7 @@ class Probe:
         def hook(module, args, out):
             if not self._recording() or not isinstance(out, torch.Tensor):
                 return None
+            node = out.grad_fn  # (None when out needs no gradient)
             bn_run = self._bn_run
             if (exact_bn and self._bn_start is not None and name not in bn_run
                     and module.training and module.momentum):
@@ -437,7 +438,6 @@ class Probe:
                 # does not carry this batch's variance; the eager pass below measures it.)
                 # (_bn_start is set only inside a recorded forward of the model.)
                 bn_run[name] = out.numel() // out.shape[1]  # elements per channel
-                node = out.grad_fn
                 if node is not None and _saves_invstd(node):
                     self._bn_inv[name] = node._saved_result2  # read now: backward frees it
             else:
@@ -452,7 +452,6 @@ class Probe:
                 earlier = handles.get(name)
                 if earlier is not None:  # called again since the last snapshot
                     earlier.remove()
-                node = out.grad_fn
                 if node is not None and out.output_nr == 0 and not self._traced:
                     handles[name] = node.register_prehook(node_hook)
                 else:
