@@ -270,13 +270,22 @@ def test_block_inputs_come_from_the_previous_pass_and_in_place_edits_are_seen(ba
     x is that very output, unmodified: an in-place edit between blocks forces a fresh pass.
     (Forward metrics only: autograd itself refuses a backward through that edit.)"""
     calls = []
-    real = fused.SumTable._launch  # where SumTable.run and SumTable.sq meet
+    real_sq, real_run2 = fused.SumTable.sq, fused.SumTable.run2  # the probe's two entries
 
-    def counting(self, name, a, b):
-        calls.append(name)
-        return real(self, name, a, b)
+    def sq(self, t):
+        col = real_sq(self, t)
+        if col is not None:  # a pass was made (by the extension or by ctypes)
+            calls.append("sq")
+        return col
 
-    monkeypatch.setattr(fused.SumTable, "_launch", counting)
+    def run2(self, name, a, b):
+        col = real_run2(self, name, a, b)
+        if col is not None:
+            calls.append(name)
+        return col
+
+    monkeypatch.setattr(fused.SumTable, "sq", sq)
+    monkeypatch.setattr(fused.SumTable, "run2", run2)
     x, y = batch
     torch.manual_seed(0)
     model = create_model("resnet20", in_channels=1, num_classes=10).train()
@@ -406,3 +415,97 @@ def test_tensors_without_memory_and_wrong_arity_are_refused() -> None:
     assert table.sq(zero) is None and table.run2("pair", x, zero) is None
     assert table.run("pair", x) is None and table.run("sq", x, x) is None and table.used == 0
     assert not kernels.usable()
+
+
+def _columns(run, name: str, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernel ``name`` through one entry (the extension's ``run`` or ctypes) into a fresh table."""
+    n = a.shape[0] if a.ndim > 1 else 1
+    table = torch.full((n, 8), float("nan"), dtype=torch.float64)
+    if run is None:
+        return kernels(name, a, *(() if b is None else (b,)))
+    dl = torch.utils.dlpack.to_dlpack
+    col = run(list(KERNELS).index(name), dl(a), None if b is None else dl(b), table.data_ptr(),
+              n, 8, 3, 1)
+    if col < 0:
+        assert table.isnan().all()  # refused: nothing written
+        return None
+    assert col == 3 and table[:, :3].isnan().all() and table[:, 3 + KERNELS[name]:].isnan().all()
+    return table[:, 3: 3 + KERNELS[name]].T
+
+
+@pytest.mark.skipif(not fused._python_flags(), reason="no Python headers: ctypes only")
+def test_extension_entry_matches_ctypes_and_checks_layouts_itself() -> None:
+    """Where Python's headers exist the library is also an extension module, and the probe's
+    hot path takes DLPack capsules to it: same sums as the ctypes path, to the bit, and every
+    layout the kernels cannot read is refused in C (-1, nothing written)."""
+    assert kernels.load(required=True) and kernels.fast is not None
+    run = kernels.fast
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in SHAPES:
+            a, b = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+            for name in KERNELS:
+                other = None if name == "sq" else b
+                want = _columns(None, name, a, other)
+                assert torch.equal(_columns(run, name, a, other), want), (name, shape, dtype)
+        # Any dense order of a sample's elements (the sums do not depend on it), and views
+        # that start inside their storage.
+        x = torch.randn(6, 5, 4, 3, generator=g).to(dtype)
+        for view in (x.contiguous(memory_format=torch.channels_last),
+                     x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2),
+                     torch.randn(9, 5, 4, 3, generator=g).to(dtype)[3:]):
+            want = reference("sq", view, None).to(torch.float64)
+            torch.testing.assert_close(_columns(run, "sq", view, None), want, rtol=2e-6, atol=0)
+            torch.testing.assert_close(_columns(run, "pair", view, view * 2),
+                                       reference("pair", view, view * 2), rtol=2e-6, atol=0)
+
+    x = torch.randn(4, 8, 6, 6)
+    for why, t in {"strided": x[:, ::2], "transposed sample": x.transpose(0, 1),
+                   "expanded": x[:, :1].expand(4, 8, 6, 6), "float64": x.double(),
+                   "float16": x.half(), "int": x.int(), "empty": x[:0], "0-d": x.sum(),
+                   "no memory": torch._efficientzerotensor(4, 8),
+                   "overlapping": x.flatten()[:64].as_strided((4, 8, 6, 6), (8, 1, 0, 0))}.items():
+        assert _columns(run, "sq", t, None) is None, why
+        assert _columns(run, "pair", x, t) is None, why
+    for why, other in {"strides": x.contiguous(memory_format=torch.channels_last),
+                       "dtype": x.bfloat16(), "shape": x[:2]}.items():
+        assert _columns(run, "gap", x, other) is None, why
+    dl = torch.utils.dlpack.to_dlpack
+    table = torch.full((4, 8), float("nan"), dtype=torch.float64)
+    ptr = table.data_ptr()
+    assert run(1, dl(x), None, ptr, 4, 8, 0, 1) == -1  # a second operand is required
+    assert run(0, x, None, ptr, 4, 8, 0, 1) == -1  # not a capsule
+    assert run(4, dl(x), dl(x), ptr, 4, 8, 0, 1) == -1  # no such kernel
+    assert run(0, dl(x), None, ptr, 5, 8, 0, 1) == -1  # the table holds another batch size
+    assert run(3, dl(x), dl(x), ptr, 4, 8, 5, 1) == -1  # four columns do not fit from col 5
+    assert run(0, dl(x), None, ptr, 4, 8, -1, 1) == -1
+    assert run(0, dl(x), None, 0, 4, 8, 0, 1) == -1  # no table
+    assert table.isnan().all()
+    with pytest.raises(TypeError):
+        run(0, dl(x), None, ptr, 4, 8, 0)
+
+    # The probe's entries take the extension where it applies, ctypes or nothing elsewhere.
+    st = SumTable()
+    assert st.take(4, 1) == 0
+    assert st.sq(torch._neg_view(x)) == 1  # a sum of squares does not see the sign
+    assert st.run2("pair", torch._neg_view(x), x) is None  # DLPack would drop the sign bit
+    sums = st.filled()
+    torch.testing.assert_close(sums[:, 1], reference("sq", x, None)[0], rtol=2e-6, atol=0)
+
+
+def test_library_without_python_headers_is_plain_and_gives_the_same_sums(tmp_path,
+                                                                         monkeypatch) -> None:
+    """Headers that do not compile (or none): the same kernels as a plain library, ctypes only."""
+    monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fused, "_python_flags",
+                        lambda: ("-DGL_PYTHON", f"-I{tmp_path / 'no-headers'}"))
+    plain = Kernels()
+    assert plain.load(required=True) and plain.fast is None
+    monkeypatch.setattr(fused, "kernels", plain)
+    x = torch.randn(5, 3, 4, 4).bfloat16()
+    table = SumTable()
+    cols = [table.sq(x), table.sq(x), table.run2("addrelu", x, x * 2)]
+    assert cols == [0, 1, 2]
+    sums = table.filled()
+    torch.testing.assert_close(sums[:, 1], reference("sq", x, None)[0], rtol=2e-6, atol=0)
+    torch.testing.assert_close(sums[:, 2:6].T, reference("addrelu", x, x * 2), rtol=2e-6, atol=0)

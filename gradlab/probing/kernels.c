@@ -16,7 +16,17 @@
  * Portable C with GCC/Clang vector extensions: the compiler maps them onto whatever SIMD the
  * machine has (AVX-512, AVX2, NEON). OpenMP splits the samples across threads when it is enabled
  * at build time; without it the kernels run on one thread.
+ *
+ * Built with -DGL_PYTHON (where Python's headers are found), the library is also a Python
+ * extension module whose one function, run(), takes tensors as DLPack capsules and checks their
+ * layout itself: the probe's hooks then make two C calls per kernel instead of a dozen tensor
+ * attribute reads and a ctypes call, which matters because hooks run mid-step, when every
+ * Python-level call is slow (the interpreter's code and data are out of the caches).
  */
+#ifdef GL_PYTHON
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -211,3 +221,138 @@ EXPORT(addrelu, ADDRELU)
 
 EXPORT_LIST(f32, 0)
 EXPORT_LIST(bf16, 1)
+
+#ifdef GL_PYTHON
+/* DLPack's ABI (dlpack.h, unversioned DLManagedTensor, stable since v0.2). */
+typedef struct { int32_t device_type, device_id; } DLDevice;
+typedef struct { uint8_t code, bits; uint16_t lanes; } DLDataType;
+typedef struct {
+    void *data;
+    DLDevice device;
+    int32_t ndim;
+    DLDataType dtype;
+    int64_t *shape, *strides; /* strides NULL: compact row-major */
+    uint64_t byte_offset;
+} DLTensor;
+typedef struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensor *);
+} DLManagedTensor;
+enum { DL_CPU = 1, DL_FLOAT = 2, DL_BFLOAT = 4, MAX_DIMS = 16 };
+
+typedef void (*kernel_fn)(const void *, const void *, int64_t, int64_t, double *, int64_t, int);
+/* [kind][bf16]; kind as in the enum above, the order of gradlab.probing.fused.KERNELS. */
+static const kernel_fn KERNEL_FNS[4][2] = {{gl_sq_f32, gl_sq_bf16}, {gl_pair_f32, gl_pair_bf16},
+                                           {gl_gap_f32, gl_gap_bf16},
+                                           {gl_addrelu_f32, gl_addrelu_bf16}};
+
+static const DLTensor *unwrap(PyObject *capsule) {
+    if (!PyCapsule_IsValid(capsule, "dltensor")) return NULL;
+    return &((DLManagedTensor *)PyCapsule_GetPointer(capsule, "dltensor"))->dl_tensor;
+}
+
+/* Elements per sample when t is a non-empty float32/bf16 CPU tensor with memory behind it
+ * whose samples (dim 0; a 1-d tensor is one sample) are dense, equally spaced ranges: the other
+ * dims, in order of their strides, step through a sample's range with no gap or overlap (NCHW,
+ * channels_last or any other permutation; the sums do not depend on the order). Else 0. */
+static int64_t dense_per_sample(const DLTensor *t, int64_t *n, int *bf) {
+    if (t->device.device_type != DL_CPU || t->data == NULL || t->ndim < 1 ||
+        t->ndim > MAX_DIMS || t->dtype.lanes != 1)
+        return 0;
+    if (t->dtype.code == DL_FLOAT && t->dtype.bits == 32)
+        *bf = 0;
+    else if (t->dtype.code == DL_BFLOAT && t->dtype.bits == 16)
+        *bf = 1;
+    else
+        return 0;
+    int64_t numel = 1;
+    for (int i = 0; i < t->ndim; i++) {
+        if (t->shape[i] <= 0) return 0;
+        numel *= t->shape[i];
+    }
+    *n = t->ndim > 1 ? t->shape[0] : 1;
+    const int64_t per = numel / *n;
+    if (t->strides == NULL) return per;
+    int dims[MAX_DIMS], m = 0;
+    for (int i = t->ndim > 1 ? 1 : 0; i < t->ndim; i++)
+        if (t->shape[i] != 1) dims[m++] = i; /* a size-1 dim's stride says nothing */
+    for (int i = 1; i < m; i++) /* insertion sort by stride */
+        for (int j = i; j > 0 && t->strides[dims[j]] < t->strides[dims[j - 1]]; j--) {
+            int d = dims[j];
+            dims[j] = dims[j - 1];
+            dims[j - 1] = d;
+        }
+    int64_t expect = 1;
+    for (int i = 0; i < m; i++) {
+        if (t->strides[dims[i]] != expect) return 0;
+        expect *= t->shape[dims[i]];
+    }
+    if (t->ndim > 1 && *n > 1 && t->strides[0] != per) return 0;
+    return per;
+}
+
+static int64_t stride_of(const DLTensor *t, int i) {
+    if (t->strides) return t->strides[i];
+    int64_t s = 1; /* compact row-major */
+    for (int j = i + 1; j < t->ndim; j++) s *= t->shape[j];
+    return s;
+}
+
+/* Whether b has a's dtype, shape and strides (element k of a sample is element k of the other). */
+static int same_layout(const DLTensor *a, const DLTensor *b) {
+    if (b->device.device_type != DL_CPU || b->data == NULL || b->ndim != a->ndim ||
+        b->dtype.code != a->dtype.code || b->dtype.bits != a->dtype.bits || b->dtype.lanes != 1)
+        return 0;
+    for (int i = 0; i < a->ndim; i++)
+        if (b->shape[i] != a->shape[i] || (a->shape[i] != 1 && stride_of(a, i) != stride_of(b, i)))
+            return 0;
+    return 1;
+}
+
+/* run(kind, a, b, table, rows, capacity, col, threads) -> col, or -1 with nothing written.
+ *
+ * kind: index into KERNELS; a, b: DLPack capsules (b None for sq); table: address of a
+ * contiguous float64 (rows, capacity) table; the kernel's K sums go to columns col..col+K-1.
+ * -1 when the tensors are not what the kernels read (see dense_per_sample; b must match a's
+ * dtype, shape and strides), their samples are not `rows`, or the columns do not fit: the
+ * caller then takes its checked path. The capsules are not consumed (their tensors stay
+ * owned by them). The kernel runs with the GIL released. */
+static PyObject *gl_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "run() takes 8 arguments");
+        return NULL;
+    }
+    const long kind = PyLong_AsLong(args[0]);
+    double *table = PyLong_AsVoidPtr(args[3]);
+    const long long rows = PyLong_AsLongLong(args[4]), cap = PyLong_AsLongLong(args[5]),
+                    col = PyLong_AsLongLong(args[6]);
+    const long threads = PyLong_AsLong(args[7]);
+    if (PyErr_Occurred()) return NULL;
+    const DLTensor *a = unwrap(args[1]);
+    const DLTensor *b = kind == 0 ? NULL : unwrap(args[2]);
+    int64_t n;
+    int bf;
+    const int64_t per = a == NULL ? 0 : dense_per_sample(a, &n, &bf);
+    if (kind < 0 || kind > 3 || per == 0 || table == NULL || n != rows || col < 0 ||
+        col + nsums((int)kind) > cap ||
+        (kind != 0 && (b == NULL || !same_layout(a, b))))
+        return PyLong_FromLong(-1);
+    const char *pa = (const char *)a->data + a->byte_offset;
+    const char *pb = b == NULL ? NULL : (const char *)b->data + b->byte_offset;
+    const kernel_fn fn = KERNEL_FNS[kind][bf];
+    Py_BEGIN_ALLOW_THREADS
+    fn(pa, pb, (int64_t)rows, per, table + col, (int64_t)cap, (int)threads);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(col);
+}
+
+static PyMethodDef gl_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))gl_run, METH_FASTCALL,
+     "run(kind, a, b, table, rows, capacity, col, threads) -> col, or -1"},
+    {NULL, NULL, 0, NULL}};
+static struct PyModuleDef gl_module = {
+    PyModuleDef_HEAD_INIT, "_gradlab_kernels", NULL, -1, gl_methods, NULL, NULL, NULL, NULL};
+PyMODINIT_FUNC PyInit__gradlab_kernels(void) { return PyModule_Create(&gl_module); }
+#endif

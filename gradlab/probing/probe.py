@@ -27,6 +27,7 @@ from gradlab.probing.fused import kernels as _kernels
 __all__ = ["Probe", "PendingFrame"]
 
 _numel = torch.Tensor.numel
+_grad_enabled = torch.is_grad_enabled
 _momentum, _eps, _device = (operator.attrgetter(a) for a in ("momentum", "eps", "device"))
 
 
@@ -402,13 +403,16 @@ class Probe:
         if self._sums.used <= 2 * len(live) + 256:
             return
         where = self._sums.keep(live)
-        self._cols = {k: tuple(where[c] for c in cols) for k, cols in self._cols.items()}
+        # (in place: the hooks hold this dict)
+        moved = {k: tuple(where[c] for c in cols) for k, cols in self._cols.items()}
+        self._cols.clear()
+        self._cols.update(moved)
 
     def _response_hook(self, name: str):
         key_std, key_grad = (name, "response_std"), (name, "response_grad_norm")
         exact_bn = name in self._bn_index
 
-        sums = self._sums
+        sums, cols, store = self._sums, self._cols, self._store  # (dicts kept, not replaced)
 
         def node_hook(grads):
             # A pre-hook of the autograd node that made the response (its output 0): receives
@@ -416,11 +420,14 @@ class Probe:
             g = grads[0]
             if g is None:
                 return
-            # = self._run_sq(g), one call fewer (56 per resnet56 backward). The kernels only
-            # read memory: no detach() (a new tensor object) needed.
+            # = self._run_sq(g) and self._put_cols(...) inlined: 56 calls per resnet56
+            # backward, each mid-step, where every Python call is slow. The kernels only read
+            # memory: no detach() (a new tensor object) needed.
             col = None if self.fused is False else sums.sq(g)
             if col is not None:
-                self._put_cols(key_grad, (col,))
+                cols[key_grad] = (col,)
+                if store:
+                    store.pop(key_grad, None)
             else:
                 self._put(key_grad, M.grad_norm(g.detach()))
 
@@ -428,7 +435,8 @@ class Probe:
             node_hook((g,))
 
         def hook(module, args, out):
-            if not self._recording() or not isinstance(out, torch.Tensor):
+            # (= self._recording(), inlined: this runs mid-forward, 56 times per resnet56 step)
+            if not (self._enabled and _grad_enabled()) or not isinstance(out, torch.Tensor):
                 return None
             node = out.grad_fn  # (None when out needs no gradient)
             bn_run = self._bn_run
@@ -438,7 +446,8 @@ class Probe:
                 # does not carry this batch's variance; the eager pass below measures it.)
                 # (_bn_start is set only inside a recorded forward of the model.)
                 bn_run[name] = out.numel() // out.shape[1]  # elements per channel
-                if node is not None and _saves_invstd(node):
+                if node is not None and (_INVSTD_NODES.get(type(node)) or
+                                         _saves_invstd(node)):
                     self._bn_inv[name] = node._saved_result2  # read now: backward frees it
             else:
                 # Not inside a recorded forward of the model, a second call within one, eval
@@ -462,9 +471,10 @@ class Probe:
     def _add_hook(self, block: str, bn2_hook=None):
         key_res, relu_block = (block, "residual_stats"), block in self._relu_blocks
         bn2 = self.model.get_submodule(self._folded[block]) if bn2_hook is not None else None
+        cols, store = self._cols, self._store  # (as in _response_hook: _put_cols inlined)
 
         def hook(module, args, out):
-            if not self._recording() or len(args) != 2:
+            if not (self._enabled and _grad_enabled()) or len(args) != 2:
                 return None
             self._block_sums.pop(block, None)
             f, s = args
@@ -484,7 +494,9 @@ class Probe:
                     ss = self._run_sq(s)
                 col = self._run2("addrelu", f, t) if ss is not None else None
                 if col is not None:  # columns ||F||^2, <F, t>, ||relu t||^2, ||relu t - s||^2
-                    self._put_cols(key_res, (col, ss, col + 1))
+                    cols[key_res] = (col, ss, col + 1)
+                    if store:
+                        store.pop(key_res, None)
                     # For the block's hook, which follows: identity_gap is ||relu t - s|| /
                     # ||s|| when s is the block's input itself (an identity shortcut).
                     self._block_sums[block] = (s, col + 3, ss, col + 2)
@@ -507,7 +519,8 @@ class Probe:
         key_gap = (name, "identity_gap")
 
         def hook(module, args, out):
-            if not self._recording() or not args or not isinstance(out, torch.Tensor):
+            if not (self._enabled and _grad_enabled()) or not args or not isinstance(
+                    out, torch.Tensor):
                 return None
             x = args[0]
             cached = self._shortcut_norms.pop(name, None)
