@@ -280,6 +280,49 @@ def test_log_ignores_empty_steps_and_calls_after_close(tmp_path):
     assert accumulator(tmp_path).Tags()["scalars"] == []
 
 
+
+def test_scalars_are_encoded_as_the_protobuf_api_would(tmp_path):
+    """The pre-encoded scalar Summary parses back to exactly the messages the protobuf API
+    builds (tags of any length and script, float32 rounding, inf, NaN, -0, overflow), also when
+    the rows change from one step to the next."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    from gradlab.dashboard import _ScalarSummary, _varint
+
+    assert [_varint(n) for n in (0, 1, 127, 128, 300, 2**21)] == [
+        b"\0", b"\1", b"\x7f", b"\x80\x01", b"\xac\x02", b"\x80\x80\x80\x01"]
+    tags = ["loss", "grad_norm/layer1.0.conv1", "r\u00e9sum\u00e9/\u5c42", "x" * 200, "y" * 20000]
+    values = np.array([0.1, -0.0, np.inf, np.nan, 1e300])
+    got = summary_pb2.Summary.FromString(_ScalarSummary(tags, tags, tags).encode(values))
+    want = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v)
+                                      for t, v in zip(tags, values.tolist(), strict=True)])
+    assert len(got.value) == len(tags)
+    for g, w in zip(got.value, want.value, strict=True):
+        assert g.tag == w.tag and np.float32(g.simple_value).tobytes() == \
+            np.float32(w.simple_value).tobytes() or (np.isnan(g.simple_value)
+                                                    and np.isnan(w.simple_value))
+    assert got.value[4].simple_value == np.inf  # 1e300 overflows float32, as protobuf stores it
+
+    dash = Dashboard(tmp_path, None)
+    cols = fake_columns("resnet", 1, 1)
+    fewer = {k: v[:-3] for k, v in cols.items()}
+    for step, c in enumerate([cols, cols, fewer, cols]):
+        dash.log(step, c)
+    dash.close()
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    events = [event_pb2.Event.FromString(r) for r in RawEventFileLoader(str(path)).Load()]
+    logged = [e for e in events if any(v.HasField("histo") for v in e.summary.value)]
+    assert [e.step for e in logged] == [0, 1, 2, 3]  # (close() adds its final/ scalars apart)
+    for e, c in zip(logged, [cols, cols, fewer, cols], strict=True):
+        scalars = [v for v in e.summary.value if v.HasField("simple_value")]
+        want = [f"{m}/{la}" if la else m for m, la in zip(c["metric"], c["layer"], strict=True)]
+        assert [v.tag for v in scalars] == want
+        np.testing.assert_array_equal([v.simple_value for v in scalars],
+                                      c["value"].astype(np.float32))
+        hists = [v.tag for v in e.summary.value if v.HasField("histo")]
+        assert hists and all(t.endswith("/across_layers") for t in hists)
+
 # -- the report ------------------------------------------------------------------------------------
 def _png() -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
