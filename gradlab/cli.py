@@ -256,13 +256,19 @@ def run_cmd(
     res = run_suite(suite, runs_root=runs, reports_root=reports, progress=not quiet,
                     formats=formats, report=not no_report,
                     on_run=lambda name, what: typer.echo(f"{what} {name}"))
-    stopped = f", stopped at {res.interrupted}" if res.interrupted else ""
+    stopped = (f", stopped at {res.interrupted}" if res.interrupted
+               else ", stopped before the report" if res.signal is not None else "")
     typer.echo(f"suite {res.suite.name}: {len(res.trained)} trained, {len(res.resumed)} "
                f"resumed, {len(res.skipped)} skipped, {len(res.failed)} failed{stopped} "
                f"({res.seconds:.0f} s) in {res.runs_dir}")
-    if res.interrupted:
-        typer.echo(f"interrupted: {res.runs_dir / res.interrupted} at step {res.interrupted_at}; "
-                   f"run the same command again to resume the suite")
+    if res.interrupted or res.signal is not None:
+        if res.interrupted is None:
+            where = "after the last run, before the report"
+        elif res.interrupted_at is None:
+            where = f"before {res.runs_dir / res.interrupted} started"
+        else:
+            where = f"{res.runs_dir / res.interrupted} at step {res.interrupted_at}"
+        typer.echo(f"interrupted: {where}; run the same command again to resume the suite")
         sys.exit(128 + (res.signal or 2))  # as `gradlab probe`: 130 SIGINT, 143 SIGTERM
     if res.report is not None:
         _print_report(res.report)

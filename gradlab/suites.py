@@ -226,8 +226,10 @@ def _same_kind(default: Any, value: Any) -> bool:
 class SuiteResult:
     """What :func:`run_suite` did: runs trained, skipped, resumed, failed, and the report.
 
-    ``interrupted`` names the run a signal (``signal``: SIGINT, SIGTERM) stopped; the suite
-    stopped there, with that run resumable and no report built.
+    ``signal`` (SIGINT, SIGTERM) is set when a signal stopped the suite: no further run and no
+    report. ``interrupted`` names the run it stopped, resumable (``interrupted_at``: its step),
+    or, for a signal between two runs, the run that was not started (``interrupted_at`` None);
+    it is None for a signal after the last run, before the report.
     """
 
     suite: Suite
@@ -254,14 +256,15 @@ def run_suite(spec: str | Path, *, runs_root: Path = Path("runs"),
     one (killed) is resumed from its checkpoint; a run with a different configuration is an
     error (delete it or change the suite's name), so a report never mixes settings silently.
     A run that fails (non-finite loss) is kept as failed and shown by the report. A run stopped
-    by SIGINT or SIGTERM stops the suite: no further run, no report (``result.interrupted``).
+    by SIGINT or SIGTERM stops the suite: no further run, no report (``result.interrupted``);
+    so does one that arrives between two runs or before the report (``result.signal``).
 
     Everything that can be found wrong before training (the suite, existing runs, the device,
     the report's formats and folder) is checked before the first run starts.
     """
     import time
 
-    from gradlab.training import NonFiniteError, resolve_device, train
+    from gradlab.training import NonFiniteError, resolve_device, stop_on_signals, train
 
     suite = load_suite(spec)
     t0 = time.perf_counter()
@@ -272,33 +275,44 @@ def run_suite(spec: str | Path, *, runs_root: Path = Path("runs"),
         resolve_device(device)  # e.g. cuda asked for on a machine without one
     if report:
         _check_report_target(formats, Path(reports_root) / suite.name)
-    for run_name, cfg, action in plan:
-        if action == "skipped":
-            result.skipped.append(run_name)
+    # The suite's own handler covers the gaps between runs (loading data, building a model);
+    # each run installs its handler over it, on the same list, and puts it back when it ends.
+    stop: list[int] = []
+    with stop_on_signals(stop):
+        for run_name, cfg, action in plan:
+            if action == "skipped":
+                result.skipped.append(run_name)
+                if on_run:
+                    on_run(run_name, "skipped")
+                continue
+            if stop:  # a signal between two runs: this one is not started
+                result.interrupted, result.signal = run_name, stop[0]
+                break
+            resume = action == "resuming"
+            if not resume:
+                for leftover in _empty_leftover(runs_dir / run_name):
+                    leftover.rmdir()
             if on_run:
-                on_run(run_name, "skipped")
-            continue
-        resume = action == "resuming"
-        if not resume:
-            for leftover in _empty_leftover(runs_dir / run_name):
-                leftover.rmdir()
-        if on_run:
-            on_run(run_name, action)
-        try:
-            out = train(cfg, runs_dir, run_name, resume=resume, progress=progress)
-        except NonFiniteError:
-            result.failed.append(run_name)
-            continue
-        if out.status == "interrupted":
-            # The run is checkpointed and marked interrupted (resumable); a user who pressed
-            # Ctrl-C or a scheduler that sent SIGTERM wants the whole suite to stop now.
-            result.interrupted, result.interrupted_at = run_name, out.steps
-            result.signal = out.signal
-            if on_run:
-                on_run(run_name, "interrupted")
-            break
-        (result.resumed if resume else result.trained).append(run_name)
-    if report and result.interrupted is None:
+                on_run(run_name, action)
+            try:
+                out = train(cfg, runs_dir, run_name, resume=resume, progress=progress, stop=stop)
+            except NonFiniteError:
+                result.failed.append(run_name)
+                continue
+            if out.status == "interrupted":
+                # The run is checkpointed and marked interrupted (resumable); a user who pressed
+                # Ctrl-C or a scheduler that sent SIGTERM wants the whole suite to stop now.
+                result.interrupted, result.interrupted_at = run_name, out.steps
+                result.signal = out.signal
+                if on_run:
+                    on_run(run_name, "interrupted")
+                break
+            (result.resumed if resume else result.trained).append(run_name)
+        if stop and result.signal is None:  # after the last run: no report either
+            result.signal = stop[0]
+    # (From here on a signal ends the process as usual: the report is derived from the runs and
+    # is built again by the same command.)
+    if report and result.interrupted is None and result.signal is None:
         from gradlab.report import build_report
 
         result.report = build_report([runs_dir], Path(reports_root) / suite.name,

@@ -377,7 +377,7 @@ def run_info(cfg: TrainConfig, data: Dataset, model: nn.Module, device: torch.de
 def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *,
           resume: bool = False, force: bool = False, progress: bool = False,
           dashboard: bool = True, on_model: Callable[[nn.Module], None] | None = None,
-          probe: bool = True) -> TrainResult:
+          probe: bool = True, stop: list[int] | None = None) -> TrainResult:
     """Train ``cfg.model`` with probes attached and write a run directory.
 
     Args:
@@ -390,20 +390,25 @@ def train(cfg: TrainConfig, out: str | Path = "runs", name: str | None = None, *
         dashboard: write TensorBoard event files.
         on_model: called with the model before training (tests inject faults this way).
         probe: attach the probe (False trains the same way without measuring, for comparisons).
+        stop: a list that a caller's own handler (see :func:`stop_on_signals`) appends signals
+            to; one already there, or one added during the run, stops it at the next step
+            boundary as SIGINT/SIGTERM do (a suite shares one list over all its runs).
     """
     # The run directory is locked (RunLock) from before anything in it is read for --resume, or
     # before an existing one is replaced, until training ends.
     lock = RunLock()
     try:
         return _train(lock, cfg, out, name, resume=resume, force=force, progress=progress,
-                      dashboard=dashboard, on_model=on_model, probe=probe)
+                      dashboard=dashboard, on_model=on_model, probe=probe,
+                      stop=[] if stop is None else stop)
     finally:
         lock.release()
 
 
 def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *,
            resume: bool, force: bool, progress: bool, dashboard: bool,
-           on_model: Callable[[nn.Module], None] | None, probe: bool) -> TrainResult:
+           on_model: Callable[[nn.Module], None] | None, probe: bool,
+           stop: list[int]) -> TrainResult:
     from gradlab import checkpoint as ckpt
 
     cfg.validate()
@@ -484,7 +489,7 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
     status = "completed"
     t_start = time.perf_counter()
     done = start
-    stop_signal: list[int] = []
+    stop_signal = stop
     previous = _install_signal_handlers(stop_signal)
     bar = _Progress(progress, steps, start, name)
     try:
@@ -643,6 +648,19 @@ def _restore_signal_handlers(previous) -> None:
     if previous and threading.current_thread() is threading.main_thread():
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: list[int]):
+    """While inside: SIGTERM and SIGINT are appended to ``flag`` instead of ending the process
+    (a second SIGINT raises KeyboardInterrupt), for a caller that checks ``flag`` at points
+    where it can stop cleanly, as a suite does between runs. Outside the main thread: nothing
+    is installed."""
+    previous = _install_signal_handlers(flag)
+    try:
+        yield flag
+    finally:
+        _restore_signal_handlers(previous)
 
 
 class _Progress:

@@ -262,3 +262,43 @@ def test_bad_values_are_one_line_and_change_nothing(case, tmp_path) -> None:
     before = snapshot(tmp_path)
     one_line_error(invoke("run", f, "--runs", tmp_path / "runs", "-q"), *words)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("after", [1, 2], ids=["between-runs", "before-the-report"])
+def test_a_signal_between_runs_stops_the_suite_cleanly(after, suite_file, monkeypatch) -> None:
+    """SIGTERM while no run trains (after run 1: the next run is not started; after the last:
+    no report) stops the suite with exit 143 and a line saying where, and the same command
+    then finishes the suite."""
+    real_train = gradlab.training.train
+    done = []
+
+    def train_then_signal(*a, **kw):
+        out = real_train(*a, **kw)
+        done.append(out.run_dir.name)
+        if len(done) == after:
+            # Only with the suite's handler in place (else this would end the test process).
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(gradlab.training, "train", train_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    result = _run(suite_file)
+    assert signal.getsignal(signal.SIGTERM) is before  # the suite's handler is gone again
+    assert result.exit_code == 143, result.output
+    runs = suite_file.parent / "runs" / "tiny"
+    assert _status(runs / "resnet8-s0") == "completed"
+    assert not (suite_file.parent / "reports").exists(), "a report was built"
+    last = result.stdout.splitlines()[-1]
+    if after == 1:
+        assert done == ["resnet8-s0"] and not (runs / "plain8-s0").exists()
+        assert last.startswith("interrupted: before ") and "plain8-s0 started" in last
+    else:
+        assert _status(runs / "plain8-s0") == "completed"
+        assert last.startswith("interrupted: after the last run, before the report")
+
+    monkeypatch.setattr(gradlab.training, "train", real_train)
+    result = _run(suite_file)
+    assert result.exit_code == 0, result.output
+    assert (suite_file.parent / "reports" / "tiny").is_dir()
+    assert _status(runs / "plain8-s0") == "completed"
