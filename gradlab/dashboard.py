@@ -638,10 +638,15 @@ class Dashboard:
             ``config["steps"]`` spreads the depth-profile images over the run.
         max_images: depth-profile images per metric for the whole run (0: none).
         flush_secs: how often the event writer flushes on its own.
+        resumed_at: the step a resumed run continues from (0: it starts over). The new event
+            file then opens with a restart marker at that step (``SessionLog.START``, as
+            TensorFlow's writers do), so TensorBoard drops what earlier files hold from that
+            step on (the steps trained again) instead of drawing both; and the images already
+            drawn before it count against ``max_images``.
     """
 
     def __init__(self, log_dir: Path, run_info: dict | None = None, *, max_images: int = 50,
-                 flush_secs: float = 30.0):
+                 flush_secs: float = 30.0, resumed_at: int | None = None):
         self.log_dir = Path(log_dir)
         self.run_info = run_info or {}
         self.max_images = max(0, int(max_images))
@@ -661,10 +666,24 @@ class Dashboard:
         self._last_rendered = -1
         self._rr_mean: float | None = None
         self._closed = False
-        steps = (self.run_info.get("config") or {}).get("steps")
+        # The planned length: the run's resolved total (also for --epochs), else its --steps.
+        steps = (self.run_info.get("total_steps")
+                 or (self.run_info.get("config") or {}).get("steps"))
         self._image_stride = (float(steps) / max(1, self.max_images - 1)
                               if isinstance(steps, (int, float)) and steps > 0 else None)
         now = time.time()
+        if resumed_at is not None:
+            event_pb2, _, _, _ = _pb()
+            # First in the file, before this session's own step-0 values: TensorBoard purges
+            # every earlier event at or after this step when it reads the marker.
+            self._writer.add(event_pb2.Event(wall_time=now, step=int(resumed_at),
+                                             session_log=event_pb2.SessionLog(
+                                                 status=event_pb2.SessionLog.START)))
+            if resumed_at > 0 and self._image_stride is not None:
+                # The images of the steps before (see _due), as the uninterrupted run drew them.
+                drawn = math.floor((resumed_at - 1) / self._image_stride) + 1
+                self._images = min(drawn, max(0, self.max_images - 1))
+                self._next_image_step = drawn * self._image_stride
         values = _experiment_values(run_hparams(self.run_info), now)
         if self.run_info:
             values.append(_text_value("run/config", _config_markdown(self.run_info)))

@@ -479,7 +479,7 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
     if dashboard:
         from gradlab.dashboard import Dashboard
 
-        dash = Dashboard(rd.tb_dir, rd.info)
+        dash = Dashboard(rd.tb_dir, rd.info, resumed_at=start if resume else None)
     sink = _Sink(writer, dash)
     ckpt_every = cfg.checkpoint_every or max(cfg.every, min(1000, steps // 4 or 1))
     eval_every = cfg.eval_every or max(1, steps // 10)

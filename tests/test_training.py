@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -297,3 +299,36 @@ def test_trainer_resolves_precision_from_the_data_set(monkeypatch) -> None:
     digits = training.Trainer(TrainConfig(model="resnet8", batch_size=8, steps=2),
                               load_dataset("digits", seed=0), torch.device("cpu"))
     assert not digits.amp
+
+
+def _tensorboard(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows of a run: (step, value) of every scalar tag, and the steps of its
+    depth-profile images, read by TensorBoard's own loader over all of the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    shown = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+    shown["images"] = [(e.step, 0.0) for t in ea.Tags()["images"] for e in ea.Images(t)]
+    return shown
+
+
+@pytest.mark.parametrize("stop", [7, 2], ids=["after-a-checkpoint", "before-any-checkpoint"])
+def test_a_resumed_runs_dashboard_shows_the_uninterrupted_run(stop: int, tmp_path) -> None:
+    """The resumed session's event file starts with a restart marker at the step it resumes
+    from, so TensorBoard drops the points the interrupted session wrote from there on (trained
+    again) and shows each step once, as for an uninterrupted run; depth-profile images keep
+    their schedule."""
+    full = train(RESUME, tmp_path / "full", "run").run_dir
+    with pytest.raises(Interrupt):
+        train(RESUME, tmp_path, "run", on_model=interrupt_at(stop))
+    train(RESUME, tmp_path, "run", resume=True)
+    assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 2
+    want, got = _tensorboard(full), _tensorboard(tmp_path / "run")
+    assert sorted(got) == sorted(want)
+    for tag in want:
+        assert [s for s, _ in got[tag]] == [s for s, _ in want[tag]], tag
+        if tag != "images_per_s" and tag != "images":
+            np.testing.assert_allclose([v for _, v in got[tag]], [v for _, v in want[tag]],
+                                       rtol=1e-6, err_msg=tag)
+    assert [s for s, _ in want["loss"]] == [0, 2, 4, 6, 8]
