@@ -672,18 +672,24 @@ class Dashboard:
         self._image_stride = (float(steps) / max(1, self.max_images - 1)
                               if isinstance(steps, (int, float)) and steps > 0 else None)
         now = time.time()
-        if resumed_at is not None:
-            event_pb2, _, _, _ = _pb()
-            # First in the file, before this session's own step-0 values: TensorBoard purges
-            # every earlier event at or after this step when it reads the marker.
-            self._writer.add(event_pb2.Event(wall_time=now, step=int(resumed_at),
-                                             session_log=event_pb2.SessionLog(
-                                                 status=event_pb2.SessionLog.START)))
-            if resumed_at > 0 and self._image_stride is not None:
-                # The images of the steps before (see _due), as the uninterrupted run drew them.
-                drawn = math.floor((resumed_at - 1) / self._image_stride) + 1
-                self._images = min(drawn, max(0, self.max_images - 1))
-                self._next_image_step = drawn * self._image_stride
+        # A session marker first in the file, before this session's own step-0 values.
+        # TensorBoard's server-side loader takes a run's first SessionLog.START for the start
+        # of its first session and every later one for a restart, at which it drops the
+        # earlier events at or after the marker's step (its classic loader drops them at every
+        # marker). A fresh run writes one at step 0; a resumed session writes two at its step,
+        # so that the restart is seen also in a run whose first session wrote none (written by
+        # gradlab before this marker existed), and is harmless otherwise.
+        event_pb2, _, _, _ = _pb()
+        marker = event_pb2.Event(wall_time=now, step=int(resumed_at or 0),
+                                 session_log=event_pb2.SessionLog(
+                                     status=event_pb2.SessionLog.START))
+        for _ in range(1 if resumed_at is None else 2):
+            self._writer.add(marker)
+        if resumed_at is not None and resumed_at > 0 and self._image_stride is not None:
+            # The images of the steps before (see _due), as the uninterrupted run drew them.
+            drawn = math.floor((resumed_at - 1) / self._image_stride) + 1
+            self._images = min(drawn, max(0, self.max_images - 1))
+            self._next_image_step = drawn * self._image_stride
         values = _experiment_values(run_hparams(self.run_info), now)
         if self.run_info:
             values.append(_text_value("run/config", _config_markdown(self.run_info)))

@@ -308,8 +308,10 @@ def run_suite(spec: str | Path, *, runs_root: Path = Path("runs"),
                     on_run(run_name, "interrupted")
                 break
             (result.resumed if resume else result.trained).append(run_name)
-        if stop and result.signal is None:  # after the last run: no report either
-            result.signal = stop[0]
+    # Read once the handler is gone: signal.signal() runs the handler of a signal that arrived
+    # before the swap, so none is lost between this check and the default handler.
+    if stop and result.signal is None:  # after the last run: no report either
+        result.signal = stop[0]
     # (From here on a signal ends the process as usual: the report is derived from the runs and
     # is built again by the same command.)
     if report and result.interrupted is None and result.signal is None:

@@ -509,3 +509,29 @@ def test_library_without_python_headers_is_plain_and_gives_the_same_sums(tmp_pat
     sums = table.filled()
     torch.testing.assert_close(sums[:, 1], reference("sq", x, None)[0], rtol=2e-6, atol=0)
     torch.testing.assert_close(sums[:, 2:6].T, reference("addrelu", x, x * 2), rtol=2e-6, atol=0)
+
+
+def test_an_extension_that_builds_but_does_not_load_falls_back_to_the_plain_library(
+        tmp_path, monkeypatch) -> None:
+    """A -DGL_PYTHON library that links but cannot be loaded here (an undefined symbol): the
+    next flag set is built, and the process keeps its kernels (ctypes only)."""
+    if not fused._python_flags():
+        pytest.skip("no Python headers: only plain builds are tried")
+    cc = fused._compiler()
+    extra = tmp_path / "extra.c"
+    extra.write_text("extern void gl_not_there(void);\nvoid gl_ref(void) { gl_not_there(); }\n")
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -DGL_PYTHON "*) exec {cc} "$@" {extra};;'
+                       f'\nesac\nexec {cc} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path / "cache"))
+    k = Kernels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unavailable" warning
+        assert k.load(required=True)
+    assert k.fast is None and k.failed is None
+    assert len(list((tmp_path / "cache").glob("probe-kernels-*.so"))) == 1
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(k.sq_list([x]), x.double().square().sum()[None], rtol=2e-6,
+                               atol=0)

@@ -301,15 +301,32 @@ def test_trainer_resolves_precision_from_the_data_set(monkeypatch) -> None:
     assert not digits.amp
 
 
-def _tensorboard(run: Path) -> dict[str, list[tuple[int, float]]]:
+def _tensorboard(run: Path, loader: str = "server") -> dict[str, list[tuple[int, float]]]:
     """What TensorBoard shows of a run: (step, value) of every scalar tag, and the steps of its
-    depth-profile images, read by TensorBoard's own loader over all of the run's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    depth-profile images, read over all of the run's event files by TensorBoard's own loader:
+    the one its server uses (``plugin_event_accumulator``, ``--load_fast=false``) or the
+    classic ``event_accumulator``."""
+    from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
+    from tensorboard.util import tensor_util
 
-    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    if loader == "classic":
+        ea = event_accumulator.EventAccumulator(str(run / "tb"),
+                                                size_guidance={"scalars": 0, "images": 0})
+        ea.Reload()
+        shown = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+        shown["images"] = [(e.step, 0.0) for t in ea.Tags()["images"] for e in ea.Images(t)]
+        return shown
+    ea = plugin_event_accumulator.EventAccumulator(str(run / "tb"), size_guidance={"tensors": 0})
     ea.Reload()
-    shown = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
-    shown["images"] = [(e.step, 0.0) for t in ea.Tags()["images"] for e in ea.Images(t)]
+    shown = {}
+    for tag in ea.Tags()["tensors"]:
+        events = ea.Tensors(tag)
+        if tag == "depth_profile":
+            shown["images"] = [(e.step, 0.0) for e in events]
+        elif all(not e.tensor_proto.tensor_shape.dim for e in events) and \
+                ea.SummaryMetadata(tag).plugin_data.plugin_name == "scalars":
+            shown[tag] = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+                          for e in events]
     return shown
 
 
@@ -324,11 +341,67 @@ def test_a_resumed_runs_dashboard_shows_the_uninterrupted_run(stop: int, tmp_pat
         train(RESUME, tmp_path, "run", on_model=interrupt_at(stop))
     train(RESUME, tmp_path, "run", resume=True)
     assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 2
-    want, got = _tensorboard(full), _tensorboard(tmp_path / "run")
-    assert sorted(got) == sorted(want)
-    for tag in want:
-        assert [s for s, _ in got[tag]] == [s for s, _ in want[tag]], tag
-        if tag != "images_per_s" and tag != "images":
-            np.testing.assert_allclose([v for _, v in got[tag]], [v for _, v in want[tag]],
-                                       rtol=1e-6, err_msg=tag)
-    assert [s for s, _ in want["loss"]] == [0, 2, 4, 6, 8]
+    for loader in ("server", "classic"):
+        want, got = _tensorboard(full, loader), _tensorboard(tmp_path / "run", loader)
+        assert sorted(got) == sorted(want)
+        for tag in want:
+            assert [s for s, _ in got[tag]] == [s for s, _ in want[tag]], (loader, tag)
+            if tag != "images_per_s" and tag != "images":
+                np.testing.assert_allclose([v for _, v in got[tag]], [v for _, v in want[tag]],
+                                           rtol=1e-6, err_msg=tag)
+        assert [s for s, _ in want["loss"]] == [0, 2, 4, 6, 8]
+        assert len(want["images"]) == 5
+
+
+def test_a_run_without_a_first_session_marker_is_still_purged_on_resume(tmp_path) -> None:
+    """Event files of a first session that wrote no SessionLog.START (gradlab before the
+    marker): resumed twice, TensorBoard's server-side loader still shows each step once."""
+    from tensorboard.compat.proto import event_pb2
+
+    from gradlab.dashboard import Dashboard
+
+    def session(resumed_at, steps):
+        dash = Dashboard(tmp_path / "tb", None, max_images=0, resumed_at=resumed_at)
+        for step in steps:
+            dash.log(step, {"layer": np.array([""], dtype=object), "depth": np.array([-1]),
+                            "metric": np.array(["loss"], dtype=object),
+                            "value": np.array([float(step)])})
+        dash.close(status="interrupted")
+
+    session(None, range(6))
+    (first,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    kept = [e for e in _records(first) if not e.HasField("session_log")]
+    first.write_bytes(b"".join(_record(e.SerializeToString()) for e in kept))
+    assert not any(event_pb2.Event.FromString(r).HasField("session_log")
+                   for r in _raw(first))  # as an old first session left it
+    session(3, [3, 4])
+    session(4, [4])
+    assert [s for s, _ in _tensorboard(tmp_path)["loss"]] == [0, 1, 2, 3, 4]
+
+
+def _raw(path: Path) -> list[bytes]:
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+
+    return list(RawEventFileLoader(str(path)).Load())
+
+
+def _records(path: Path):
+    from tensorboard.compat.proto import event_pb2
+
+    return [event_pb2.Event.FromString(r) for r in _raw(path)]
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord frame (length, masked CRC-32C of it, data, masked CRC-32C of the data)."""
+    import struct
+
+    from gradlab.dashboard import _crc32c_function
+
+    crc = _crc32c_function()
+
+    def masked(b: bytes) -> int:
+        c = crc(b)
+        return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked(header)) + data + struct.pack("<I", masked(data))

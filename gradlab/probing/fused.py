@@ -229,7 +229,12 @@ def _build() -> ctypes.CDLL:
                 break
             if proc.returncode == 0:
                 os.replace(out, lib_path)  # atomic: concurrent builders each leave a whole file
-                return ctypes.CDLL(str(lib_path))
+                try:
+                    return ctypes.CDLL(str(lib_path))
+                except OSError as e:  # built but not loadable here: the next flag set
+                    errors.append(f"OSError: {e}")
+                    lib_path.unlink(missing_ok=True)
+                    continue
             lines = (proc.stderr or proc.stdout).strip().splitlines()
             errors.append(next((ln for ln in lines if "error" in ln), lines[-1] if lines
                                else f"exit {proc.returncode}"))
@@ -246,7 +251,7 @@ def _extension(lib: ctypes.CDLL):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.run
-    except (ImportError, OSError, AttributeError):
+    except Exception:  # noqa: BLE001 - any failure (a warning made an error too): ctypes only
         return None
 
 
@@ -412,8 +417,11 @@ class SumTable:
         call (every response gradient)."""
         fast = kernels.fast
         if fast is not None and t.is_cpu and not _compiling():
-            # The common case in two C calls: the extension checks the layout itself. (A neg
-            # view's sign, which DLPack does not carry, cannot change a sum of squares.)
+            # The common case in two C calls: the extension checks the layout itself, and takes
+            # any tensor whose samples are dense ranges, in whatever order of their elements
+            # (NCHW, channels_last, other permutations: per-sample sums do not depend on it);
+            # the checked path below takes NCHW and channels_last only. (A neg view's sign,
+            # which DLPack does not carry, cannot change a sum of squares.)
             col = self.used
             try:
                 if fast(0, _to_dlpack(t), None, self._ptr, self._rows, self._cap, col,

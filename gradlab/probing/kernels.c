@@ -324,26 +324,30 @@ static PyObject *gl_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "run() takes 8 arguments");
         return NULL;
     }
-    const long kind = PyLong_AsLong(args[0]);
-    double *table = PyLong_AsVoidPtr(args[3]);
-    const long long rows = PyLong_AsLongLong(args[4]), cap = PyLong_AsLongLong(args[5]),
-                    col = PyLong_AsLongLong(args[6]);
-    const long threads = PyLong_AsLong(args[7]);
-    if (PyErr_Occurred()) return NULL;
+    /* Each conversion is checked before the next: none may run with an exception set. */
+    long long v[6];
+    static const int at[6] = {0, 3, 4, 5, 6, 7}; /* kind, table, rows, capacity, col, threads */
+    for (int i = 0; i < 6; i++) {
+        v[i] = PyLong_AsLongLong(args[at[i]]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    const long long kind = v[0], rows = v[2], cap = v[3], col = v[4];
+    double *table = (double *)(intptr_t)v[1];
+    const int threads = v[5] < 1 ? 1 : v[5] > 4096 ? 4096 : (int)v[5];
     const DLTensor *a = unwrap(args[1]);
     const DLTensor *b = kind == 0 ? NULL : unwrap(args[2]);
     int64_t n;
     int bf;
     const int64_t per = a == NULL ? 0 : dense_per_sample(a, &n, &bf);
     if (kind < 0 || kind > 3 || per == 0 || table == NULL || n != rows || col < 0 ||
-        col + nsums((int)kind) > cap ||
+        col > cap - nsums((int)kind) ||
         (kind != 0 && (b == NULL || !same_layout(a, b))))
         return PyLong_FromLong(-1);
     const char *pa = (const char *)a->data + a->byte_offset;
     const char *pb = b == NULL ? NULL : (const char *)b->data + b->byte_offset;
     const kernel_fn fn = KERNEL_FNS[kind][bf];
     Py_BEGIN_ALLOW_THREADS
-    fn(pa, pb, (int64_t)rows, per, table + col, (int64_t)cap, (int)threads);
+    fn(pa, pb, (int64_t)rows, per, table + col, (int64_t)cap, threads);
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(col);
 }
@@ -354,5 +358,12 @@ static PyMethodDef gl_methods[] = {
     {NULL, NULL, 0, NULL}};
 static struct PyModuleDef gl_module = {
     PyModuleDef_HEAD_INIT, "_gradlab_kernels", NULL, -1, gl_methods, NULL, NULL, NULL, NULL};
-PyMODINIT_FUNC PyInit__gradlab_kernels(void) { return PyModule_Create(&gl_module); }
+PyMODINIT_FUNC PyInit__gradlab_kernels(void) {
+    PyObject *module = PyModule_Create(&gl_module);
+#ifdef Py_GIL_DISABLED
+    /* run() touches no shared Python state (and releases the GIL where there is one). */
+    if (module != NULL) PyUnstable_Module_SetGIL(module, Py_MOD_GIL_NOT_USED);
+#endif
+    return module;
+}
 #endif
