@@ -32,7 +32,8 @@ ctypes call (cold, on this project's 2-core VM: 69 instead of 97 microseconds fo
 checked ctypes path runs; both call the same kernels, so the sums are the same to the bit.
 
 When: CPU tensors of float32 or bfloat16 laid out densely per sample (NCHW- or
-channels_last-contiguous), not while ``torch.compile`` traces the model (Inductor fuses the
+channels_last-contiguous; through the extension, any order of a sample's elements that leaves no
+gap), not while ``torch.compile`` traces the model (Inductor fuses the
 eager formulas into the graph then), never on GPUs (ATen's reductions there are cheap and
 asynchronous). Everything else takes the eager ATen formulas of :mod:`gradlab.probing.metrics`.
 
@@ -43,8 +44,7 @@ library is cached under ``$GRADLAB_CACHE_DIR`` (default ``~/.cache/gradlab``), k
 source, the compiler, its flags, the Python build, the C library and the CPU model and flags,
 so a home directory shared by different machines gets one build per CPU kind (where the CPU
 cannot be read, on other systems than Linux, no -march=native). If no compiler works, gradlab
-warns once and uses the eager
-formulas.
+warns once and uses the eager formulas.
 """
 
 from __future__ import annotations
