@@ -374,6 +374,18 @@ def _crc32c_function() -> Callable[[bytes], int]:
     return crc32c
 
 
+def _record(data: bytes, crc: Callable[[bytes], int]) -> bytes:
+    """One TFRecord frame of an event file: length, masked CRC-32C of the length, the data,
+    masked CRC-32C of the data (``crc``: see :func:`_crc32c_function`)."""
+
+    def masked(b: bytes) -> int:
+        c = crc(b)
+        return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked(header)) + data + struct.pack("<I", masked(data))
+
+
 _EVENT_FILE_IDS = iter(range(1 << 62))  # distinguishes writers of one process in one second
 
 
@@ -408,15 +420,9 @@ class _EventWriter:
         self._thread = threading.Thread(target=self._run, name="gradlab-tfevents", daemon=True)
         self._thread.start()
 
-    def _masked(self, data: bytes) -> int:
-        crc = self._crc(data)
-        return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
     def _write(self, event) -> None:
         data = event if isinstance(event, bytes) else event.SerializeToString()
-        header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", self._masked(header)) + data
-                         + struct.pack("<I", self._masked(data)))
+        self._file.write(_record(data, self._crc))
 
     def _run(self) -> None:
         last_flush = time.monotonic()

@@ -489,8 +489,7 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
     status = "completed"
     t_start = time.perf_counter()
     done = start
-    stop_signal = stop
-    previous = _install_signal_handlers(stop_signal)
+    previous = _install_signal_handlers(stop)
     bar = _Progress(progress, steps, start, name)
     try:
         with contextlib.ExitStack() as stack:
@@ -502,7 +501,7 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
             # A resumed run repeats the steps after its checkpoint, skipped ones included.
             skipped: list[int] = [s for s in rd.info.get("skipped_steps", []) if s < start]
             for step in range(start, steps):
-                if stop_signal:
+                if stop:
                     # Stopped between steps: save this point too, so that --resume repeats
                     # nothing and no written row is set aside.
                     status = "interrupted"
@@ -560,7 +559,7 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
     if status == "failed" and failure is not None:
         raise NonFiniteError(failure["reason"])
     return TrainResult(rd.path, status, done, final, time.perf_counter() - t_start, failure,
-                       stop_signal[0] if stop_signal else None)
+                       stop[0] if stop else None)
 
 
 def _checkpoint(sink: _Sink, rd: RunDir, tr: Trainer, step: int) -> None:

@@ -358,7 +358,7 @@ def test_a_run_without_a_first_session_marker_is_still_purged_on_resume(tmp_path
     marker): resumed twice, TensorBoard's server-side loader still shows each step once."""
     from tensorboard.compat.proto import event_pb2
 
-    from gradlab.dashboard import Dashboard
+    from gradlab.dashboard import Dashboard, _crc32c_function, _record
 
     def session(resumed_at, steps):
         dash = Dashboard(tmp_path / "tb", None, max_images=0, resumed_at=resumed_at)
@@ -371,7 +371,8 @@ def test_a_run_without_a_first_session_marker_is_still_purged_on_resume(tmp_path
     session(None, range(6))
     (first,) = (tmp_path / "tb").glob("events.out.tfevents.*")
     kept = [e for e in _records(first) if not e.HasField("session_log")]
-    first.write_bytes(b"".join(_record(e.SerializeToString()) for e in kept))
+    crc = _crc32c_function()
+    first.write_bytes(b"".join(_record(e.SerializeToString(), crc) for e in kept))
     assert not any(event_pb2.Event.FromString(r).HasField("session_log")
                    for r in _raw(first))  # as an old first session left it
     session(3, [3, 4])
@@ -389,19 +390,3 @@ def _records(path: Path):
     from tensorboard.compat.proto import event_pb2
 
     return [event_pb2.Event.FromString(r) for r in _raw(path)]
-
-
-def _record(data: bytes) -> bytes:
-    """One TFRecord frame (length, masked CRC-32C of it, data, masked CRC-32C of the data)."""
-    import struct
-
-    from gradlab.dashboard import _crc32c_function
-
-    crc = _crc32c_function()
-
-    def masked(b: bytes) -> int:
-        c = crc(b)
-        return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", masked(header)) + data + struct.pack("<I", masked(data))
