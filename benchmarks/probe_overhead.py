@@ -13,7 +13,9 @@ same conditions. Rounds are grouped in windows of
 max(N) rounds; in each window a mode "every N" logs exactly max(N)/N of its steps, as in a real
 run. Per window and mode the ratio is (sum of the mode's step times) / (sum of the unprobed step
 times); the estimate is the median over windows with a 95% bootstrap interval, and the pooled
-ratio (all steps of the mode over all unprobed steps) is printed beside it.
+ratio (all steps of the mode over all unprobed steps) is printed beside it. The same windows also
+give the cost in milliseconds per logged step (median and interval over windows), the figure
+to compare across machines: a ratio shrinks on a slower machine for the same hook cost.
 
 Fairness details: unprobed steps run with every probe hook removed (checked, not assumed), and
 so do the unlogged steps of the probed modes (a disabled probe holds no hooks); before each
@@ -142,6 +144,12 @@ def measure(model: str, batch: int, everies: list[int], windows: int,
         out[f"every_{m}"] = statistics.median(ratios)
         out[f"every_{m}_ci"] = _median_ci(ratios)
         out[f"every_{m}_pooled"] = sum(map(sum, times[m])) / sum(base)
+        # The same windows as an absolute cost: extra milliseconds per logged step (a window
+        # logs span / m of the mode's steps), comparable across machines of different speed,
+        # where the ratio is not.
+        extra = [(sum(t) - b) * 1e3 * m / span for t, b in zip(times[m], base, strict=True)]
+        out[f"every_{m}_ms"] = statistics.median(extra)
+        out[f"every_{m}_ms_ci"] = _median_ci(extra)
     return out
 
 
@@ -173,15 +181,18 @@ def main() -> None:
           f"batch {a.batch_size}, {windows} windows of {span} rounds (one step per mode), "
           f"TensorBoard {'off' if a.no_tensorboard else 'on'}")
     print("ratio = median over windows of (mode's time / unprobed time) [95% bootstrap CI]; "
-          "pooled = all its steps / all unprobed steps")
+          "pooled = all its steps / all unprobed steps; +ms = median over windows of the extra "
+          "time per logged step [95% bootstrap CI]")
     head = f"{'model':<11}{'precision':<11}{'unprobed ms/step':>18}" + "".join(
-        f"{'every ' + str(e) + ': ratio [CI] pooled':>40}" for e in a.every)
+        f"{'every ' + str(e) + ': ratio [CI] pooled, +ms [CI]':>62}" for e in a.every)
     print(head)
     for model in a.models:
         for amp in a.amp:
             r = measure(model, a.batch_size, a.every, windows, device, not a.no_tensorboard, amp)
             cells = "".join(f"{r[f'every_{e}']:>14.4f} [{r[f'every_{e}_ci'][0]:.4f}, "
-                            f"{r[f'every_{e}_ci'][1]:.4f}] {r[f'every_{e}_pooled']:.4f}"
+                            f"{r[f'every_{e}_ci'][1]:.4f}] {r[f'every_{e}_pooled']:.4f}, "
+                            f"{r[f'every_{e}_ms']:+.1f} [{r[f'every_{e}_ms_ci'][0]:+.1f}, "
+                            f"{r[f'every_{e}_ms_ci'][1]:+.1f}]"
                             for e in a.every)
             prec = "bf16" if r["bf16"] else "float32"
             print(f"{model:<11}{prec:<11}{r['unprobed_ms']:>18.1f}{cells}", flush=True)

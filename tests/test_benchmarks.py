@@ -48,13 +48,15 @@ def test_probe_overhead_measure(monkeypatch):
     monkeypatch.setattr(po.Trainer, "step", counting)
     r = po.measure("resnet8", batch=4, everies=[1, 2], windows=2, device=CPU,
                    tensorboard=True, amp="off")
-    assert set(r) == {"unprobed_ms", "bf16", "every_1", "every_2", "every_1_ci", "every_2_ci",
-                      "every_1_pooled", "every_2_pooled"}
+    assert set(r) == {"unprobed_ms", "bf16"} | {
+        f"every_{e}{k}" for e in (1, 2) for k in ("", "_ci", "_pooled", "_ms", "_ms_ci")}
     assert r["bf16"] is False
     assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("unprobed_ms", "every_1", "every_2"))
     for e in (1, 2):
         lo, hi = r[f"every_{e}_ci"]
         assert lo <= r[f"every_{e}"] <= hi
+        lo, hi = r[f"every_{e}_ms_ci"]
+        assert lo <= r[f"every_{e}_ms"] <= hi
     # 2 warm-up rounds + 2 windows of 2 rounds, 3 modes each: 18 steps. Logged: every 1 all 6
     # of its steps, every 2 half of them (3). Hooks exist only while a step is logged.
     assert logged == {(False, False): 9, (True, True): 9}
