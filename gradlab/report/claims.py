@@ -48,7 +48,7 @@ from gradlab.report.load import EARLY_FRACTION, LoadedRun, RunSet
 
 __all__ = ["CLAIMS", "ALPHA", "MIN_SEEDS", "MIN_LOGGED_STEPS", "ClaimResult", "CLAIM_FUNCTIONS",
            "degradation", "smaller_responses", "near_identity", "gradient_flow",
-           "evaluate_claims", "is_conv_bn"]
+           "evaluate_claims", "is_conv_bn", "welch_contrast"]
 
 CLAIMS: tuple[str, ...] = ("degradation", "smaller-responses", "near-identity", "gradient-flow")
 ALPHA = 0.05
@@ -144,7 +144,10 @@ _INFO = {
         "plain > shallower plain. Part 2: one-sided Welch t-test, deeper residual > shallower "
         "residual. Supported: part 1 significant (p < 0.05) and part 2 not. Contradicted: deeper "
         "plain significantly lower, or deeper residual significantly higher (Holm over the two). "
-        "Effect: difference of mean final loss (deeper - shallower) with Welch's 95% CI."),
+        "Effect: difference of mean final loss (deeper - shallower) with Welch's 95% CI. "
+        "Shown beside them, descriptive (not part of the verdict): the depth penalty of plain "
+        "minus that of residual nets, (deep - shallow plain) - (deep - shallow residual) mean "
+        "final loss, one-sided Welch-Satterthwaite test of this contrast > 0 with its 95% CI."),
     "smaller-responses": (
         "Residual nets have smaller layer responses",
         "Residual nets' response_std is below plain nets' at matched layers, and falls with "
@@ -228,6 +231,34 @@ def welch_diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = stats.t.ppf(0.975, df) * np.sqrt(va + vb)
     return (float(diff - half), float(diff + half))
+
+
+def welch_contrast(groups: Sequence[Sequence[float]], weights: Sequence[float]
+                   ) -> tuple[float, float, float, float, tuple[float, float]]:
+    """Linear contrast ``sum(w_g * mean_g)`` of independent groups, tested without assuming equal
+    variances (Welch-Satterthwaite, the k-group form of Welch's t): (estimate, t, p estimate > 0,
+    p estimate < 0, two-sided 95% CI).
+
+    SE^2 = sum(w_g^2 s_g^2 / n_g), df = SE^4 / sum((w_g^2 s_g^2 / n_g)^2 / (n_g - 1)). With two
+    groups and weights (1, -1) this is Welch's t-test. Fewer than two values in a group: NaN
+    statistic and interval, p = 1 each way; no spread at all: a zero-width interval and p = 1.
+    """
+    est, var, denom = 0.0, 0.0, 0.0
+    for g, w in zip(groups, weights, strict=True):
+        g = np.asarray(g, dtype=float)
+        if len(g) < 2:
+            return (float("nan"), float("nan"), 1.0, 1.0, (float("nan"), float("nan")))
+        v = w * w * g.var(ddof=1) / len(g)
+        est += w * g.mean()
+        var += v
+        denom += v * v / (len(g) - 1)
+    if var == 0:
+        return (est, float("nan"), 1.0, 1.0, (est, est))
+    se, df = np.sqrt(var), var * var / denom
+    t = est / se
+    half = stats.t.ppf(0.975, df) * se
+    return (float(est), float(t), float(stats.t.sf(t, df)), float(stats.t.cdf(t, df)),
+            (float(est - half), float(est + half)))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -552,7 +583,7 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
                       f"{m_deep} ends with significantly higher loss than {m_shallow}"))
 
     plain, res = part("plain", sel.plain, "claim"), part("residual", sel.residual, "no-worse")
-    parts = [plain, res]
+    parts = [plain, res, _depth_penalty_part(details, sel, lo, hi)]
     # Contradiction: deeper plain significantly better, or deeper residual significantly worse.
     adj = holm([plain.p_opposite, res.p])
     if adj[0] < ALPHA or adj[1] < ALPHA:
@@ -574,6 +605,29 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
                   "after Holm's correction")
     return _result(cid, "inconclusive", reason, part=plain, parts=parts, details=details,
                    notes=notes)
+
+
+def _depth_penalty_part(details: pd.DataFrame, sel: _Selection, lo: int, hi: int) -> _Part:
+    """The family x depth interaction: how much more going deeper raises the final loss in plain
+    nets than in residual nets. Shown beside the verdict, not deciding it: the verdict tests the
+    paper's two statements as written, and its residual half rests on a non-significant test;
+    this contrast tests the difference between the families directly."""
+    def losses(fam: str, d: int) -> np.ndarray:
+        return details.query("family == @fam and depth == @d")["final_loss"].to_numpy()
+
+    groups = [losses("plain", hi), losses("plain", lo), losses("residual", hi),
+              losses("residual", lo)]
+    est, t, p_gt, p_lt, ci = welch_contrast(groups, [1.0, -1.0, -1.0, 1.0])
+    p_hi, p_lo = sel.plain[hi][0].model, sel.plain[lo][0].model
+    r_hi, r_lo = sel.residual[hi][0].model, sel.residual[lo][0].model
+    return _Part(
+        name="depth penalty, plain - residual",
+        test="Welch-Satterthwaite contrast (family x depth), one-sided (descriptive)",
+        statistic=t, p=p_gt, p_opposite=p_lt,
+        effect_name=f"({p_hi} - {p_lo}) - ({r_hi} - {r_lo}) mean final loss", effect=est,
+        ci=ci, n=sum(map(len, groups)), role="descriptive",
+        says="going deeper raises the final loss more in plain nets than in residual nets",
+        opposite="going deeper raises the final loss more in residual nets")
 
 
 def _matched_log_ratio(plain: pd.DataFrame, res: pd.DataFrame) -> pd.DataFrame:

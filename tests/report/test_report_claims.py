@@ -20,6 +20,7 @@ from gradlab.report.claims import (
     holm,
     is_conv_bn,
     t_mean_ci,
+    welch_contrast,
     welch_diff_ci,
 )
 
@@ -85,6 +86,57 @@ def test_degradation_matches_a_direct_welch_test(supported_suite: Path) -> None:
     assert c.statistic == pytest.approx(ref.statistic)
     assert c.p_value == pytest.approx(ref.pvalue)
     assert c.effect_size == pytest.approx(np.mean(deep) - np.mean(shallow))
+
+
+def test_degradation_reports_the_depth_penalty_contrast(supported_suite: Path) -> None:
+    rs = load_runs([supported_suite])
+    final = {(r.model, r.seed): r.final_scalar("loss") for r in rs.runs}
+    mean = {m: np.mean([final[(m, s)] for s in range(3)])
+            for m in ("plain20", "plain56", "resnet20", "resnet56")}
+    c = CLAIM_FUNCTIONS["degradation"](rs.runs)
+    part = c.tests.set_index("part").loc["depth penalty, plain - residual"]
+    assert part["role"] == "descriptive" and part["n"] == 12
+    assert part["effect"] == pytest.approx((mean["plain56"] - mean["plain20"])
+                                           - (mean["resnet56"] - mean["resnet20"]))
+    assert part["ci_low"] <= part["effect"] <= part["ci_high"]
+    assert part["p_claimed"] < 0.05  # planted: plain degrades by 0.25, residual not at all
+    # The verdict is still decided by the two claimed parts alone.
+    assert c.verdict == "supported" and c.p_value == pytest.approx(
+        c.tests.set_index("part").iloc[0]["p_claimed"])
+
+
+def test_welch_contrast_matches_ols_interaction_and_welch() -> None:
+    # Four groups with the same spread (the same deviations around different means): the
+    # Welch-Satterthwaite contrast is then exactly the OLS interaction t-test (df = N - 4).
+    dev = np.array([-1.0, 0.0, 1.5, -0.2])
+    means = {(1, 1): 0.9, (1, 0): 0.2, (0, 1): 0.35, (0, 0): 0.3}  # (plain, deep)
+    y, rows = [], []
+    for (plain, deep), m in means.items():
+        y += list(m + 0.1 * dev)
+        rows += [[1.0, plain, deep, plain * deep]] * len(dev)
+    x, y = np.array(rows), np.array(y)
+    beta, rss, *_ = np.linalg.lstsq(x, y, rcond=None)
+    df = len(y) - 4
+    se = np.sqrt(rss[0] / df * np.linalg.inv(x.T @ x)[3, 3])
+    t_ref = beta[3] / se
+    groups = [m + 0.1 * dev for m in means.values()]
+    est, t, p_gt, p_lt, (lo, hi) = welch_contrast(groups, [1, -1, -1, 1])
+    assert est == pytest.approx(beta[3]) and t == pytest.approx(t_ref)
+    assert p_gt == pytest.approx(stats.t.sf(t_ref, df)) and p_lt == pytest.approx(
+        stats.t.cdf(t_ref, df))
+    half = stats.t.ppf(0.975, df) * se
+    assert (lo, hi) == pytest.approx((beta[3] - half, beta[3] + half))
+    # Two groups, weights (1, -1): Welch's t-test, unequal variances and sizes.
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(1.0, 0.5, 3), rng.normal(0.0, 2.0, 5)
+    ref = stats.ttest_ind(a, b, equal_var=False, alternative="greater")
+    est, t, p_gt, _, ci = welch_contrast([a, b], [1, -1])
+    assert t == pytest.approx(ref.statistic) and p_gt == pytest.approx(ref.pvalue)
+    assert ci == pytest.approx(welch_diff_ci(a, b))
+    # Degenerate input: too few values, or no spread at all (no evidence either way).
+    assert welch_contrast([[1.0], [2.0, 3.0]], [1, -1])[2:4] == (1.0, 1.0)
+    est, t, p_gt, p_lt, ci = welch_contrast([[1.0, 1.0], [0.5, 0.5]], [1, -1])
+    assert (est, p_gt, p_lt, ci) == (0.5, 1.0, 1.0, (0.5, 0.5)) and np.isnan(t)
 
 
 def test_no_effect_is_inconclusive_not_significant(tmp_path: Path) -> None:
