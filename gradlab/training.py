@@ -29,6 +29,7 @@ from gradlab.config import ConfigError, TrainConfig
 from gradlab.data import Dataset, augment, batches, load_dataset, steps_per_epoch, to_device
 from gradlab.models import create_model, model_info
 from gradlab.probing import PendingFrame, Probe
+from gradlab.probing.fused import kernels as _kernels
 from gradlab.runs import MetricWriter, RunDir, RunError, RunLock, git_commit, versions
 
 __all__ = ["train", "TrainResult", "resolve_device", "lr_at", "total_steps", "NonFiniteError"]
@@ -257,6 +258,28 @@ def _first_nonfinite(cols: dict[str, np.ndarray]) -> str | None:
     return None
 
 
+def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """Whether ``loss`` is inf or NaN, or a parameter's gradient holds inf or NaN or has a
+    squared L2 norm beyond float32's range (a norm above about 1.8e19, where float32 norms
+    overflow: a gradient that large is as good as diverged).
+
+    One C pass over every gradient where the probe's kernels take them (CPU, one float dtype),
+    summing squares in float64; otherwise one ``_foreach_norm``. This runs on every unlogged CPU
+    step, so it is kept to a few calls.
+    """
+    grads = [g for p in params if (g := p.grad) is not None]
+    if not grads:
+        return not math.isfinite(float(loss.detach()))
+    sq = _kernels.sq_list(grads) if loss.is_cpu else None
+    if sq is None:  # (float32 norms come back inf where their squares overflowed)
+        sq = torch.stack([n.double() for n in torch._foreach_norm(grads)]).square()
+    # (NaN fails the comparison)
+    return not (math.isfinite(float(loss.detach())) and float(sq.max()) <= _F32_MAX)  # sync
+
+
+_F32_MAX = torch.finfo(torch.float32).max
+
+
 class Trainer:
     """One model, optimizer and data set on a device, and the training step that gradlab runs.
 
@@ -281,6 +304,9 @@ class Trainer:
         fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, **fused)
+        # What the optimizer updates, listed once: model.parameters() walks every module, a
+        # third of the unlogged step's check.
+        self._params = [p for g in self.opt.param_groups for p in g["params"]]
         self.gen = torch.Generator().manual_seed(cfg.seed)  # augmentation draws, on CPU
         # Unlogged steps run without hooks, except under torch.compile, whose graph is traced
         # with the hooks attached and must keep them.
@@ -329,9 +355,7 @@ class Trainer:
         elif check:
             # A gradient can go non-finite while the loss is finite (an overflow in one layer's
             # backward); applying it would poison the weights and blame a later step.
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            norms = torch.stack([loss.detach().float(), *torch._foreach_norm(grads)])
-            bad = not bool(torch.isfinite(norms).all())  # sync: CPU only, where it costs nothing
+            bad = nonfinite(loss, self._params)
         else:
             bad = False
         if not bad:

@@ -291,6 +291,49 @@ def test_which_layer_is_first(bad: set, first: str | None) -> None:
     assert _first_nonfinite(cols) == first
 
 
+def _grads(dtype: torch.dtype, bad: float | None, where: int, layout: str) -> list[torch.Tensor]:
+    """Parameters of three shapes with gradients; ``bad`` written into gradient ``where``."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in ((8, 4, 3, 3), (33,), (5, 7))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e3
+    if layout == "transposed":  # not one dense block: the foreach path takes it
+        params[2].grad = torch.randn(7, 5).to(dtype).T
+    elif layout == "mixed":  # two dtypes: the foreach path too
+        params[1] = torch.nn.Parameter(params[1].detach().double())
+        params[1].grad = torch.randn_like(params[1])
+    elif layout == "missing":  # a parameter without a gradient is skipped
+        params[0].grad = None
+        where = where or 1
+    if bad is not None:
+        g = params[where].grad
+        if bad > 1e17:  # every element large
+            g.fill_(bad)
+        else:
+            g[(-1,) * g.ndim] = bad
+    return params
+
+
+@pytest.mark.parametrize("layout", ["dense", "transposed", "mixed", "missing"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("bad,where,loss", [
+    (None, 0, 1.0), (float("inf"), 0, 1.0), (float("-inf"), 2, 1.0), (float("nan"), 1, 1.0),
+    (3.0e38, 0, 1.0), (1.0e18, 0, 1.0),  # squared norm past float32's range, and within it
+    (None, 0, float("inf")), (None, 0, float("nan")), (float("inf"), 0, float("-inf")),
+])
+def test_unlogged_step_check_finds_exactly_the_non_finite(dtype, bad, where, loss,
+                                                          layout) -> None:
+    from gradlab.training import nonfinite
+
+    params = _grads(dtype, bad, where, layout)
+    # Reference in float64: inf/NaN anywhere, or a squared norm beyond float32's range.
+    limit = torch.finfo(torch.float32).max
+    ref = not (np.isfinite(loss) and all(float(p.grad.double().square().sum()) <= limit
+                                         for p in params if p.grad is not None))
+    assert ref is (bad is not None and not -1e18 < bad < 1e19 or not np.isfinite(loss))
+    assert nonfinite(torch.tensor(loss), params) is ref
+
+
 # -- bad input: one line on stderr, exit code 2, nothing changed --------------------------------
 def _pickle_batch(n: int = 8, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
