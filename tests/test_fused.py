@@ -511,6 +511,20 @@ def test_library_without_python_headers_is_plain_and_gives_the_same_sums(tmp_pat
     torch.testing.assert_close(sums[:, 2:6].T, reference("addrelu", x, x * 2), rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_extension_flags_let_macos_resolve_python_at_load_time(platform, tmp_path,
+                                                              monkeypatch) -> None:
+    include = tmp_path / "include"
+    include.mkdir()
+    (include / "Python.h").write_text("")
+    monkeypatch.setattr(fused.sysconfig, "get_paths", lambda: {"include": str(include)})
+    monkeypatch.setattr(fused.sys, "platform", platform)
+    darwin = ("-undefined", "dynamic_lookup") if platform == "darwin" else ()
+    assert fused._python_flags() == ("-DGL_PYTHON", f"-I{include}", *darwin)
+    (include / "Python.h").unlink()
+    assert fused._python_flags() == ()
+
+
 def test_an_extension_that_builds_but_does_not_load_falls_back_to_the_plain_library(
         tmp_path, monkeypatch) -> None:
     """A -DGL_PYTHON library that links but cannot be loaded here (an undefined symbol): the

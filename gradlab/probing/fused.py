@@ -188,7 +188,10 @@ def _python_flags() -> tuple[str, ...]:
     include = sysconfig.get_paths().get("include")
     if not include or not (Path(include) / "Python.h").is_file():
         return ()
-    return ("-DGL_PYTHON", f"-I{include}")
+    # macOS links a shared library only when every symbol resolves; an extension module's
+    # Python symbols come from the interpreter that loads it (as setuptools links them).
+    darwin = ("-undefined", "dynamic_lookup") if sys.platform == "darwin" else ()
+    return ("-DGL_PYTHON", f"-I{include}", *darwin)
 
 
 def _build() -> ctypes.CDLL:
