@@ -9,13 +9,14 @@ Design. Machine speed on a shared VM drifts by 10-20% within minutes, far more t
 measured, so the modes (unprobed, every N1, every N2, ...) are interleaved one *step* at a time:
 a round is one step of each mode, the rounds cycling through every order of the modes (so each
 mode follows each other equally often), and neighbouring steps of different modes run under the
-same conditions. Rounds are grouped in windows of
-max(N) rounds; in each window a mode "every N" logs exactly max(N)/N of its steps, as in a real
-run. Per window and mode the ratio is (sum of the mode's step times) / (sum of the unprobed step
+same conditions. Rounds are grouped in windows of max(N) rounds; in each window a mode
+"every N" logs exactly max(N)/N of its steps, as in a real run (so each N must divide max(N)).
+Per window and mode the ratio is (sum of the mode's step times) / (sum of the unprobed step
 times); the estimate is the median over windows with a 95% bootstrap interval, and the pooled
 ratio (all steps of the mode over all unprobed steps) is printed beside it. The same windows also
-give the cost in milliseconds per logged step (median and interval over windows), the figure
-to compare across machines: a ratio shrinks on a slower machine for the same hook cost.
+give the cost in milliseconds per logged step (median and interval over windows): a ratio
+shrinks on a slower machine for the same cost, this figure does not (though hook and kernel
+times themselves differ between machines).
 
 Fairness details: unprobed steps run with every probe hook removed (checked, not assumed), and
 so do the unlogged steps of the probed modes (a disabled probe holds no hooks); before each
@@ -82,6 +83,8 @@ def measure(model: str, batch: int, everies: list[int], windows: int,
     tr = Trainer(cfg, data, device, probe=True)
     it = batches(data.train_size, batch, seed=0)
     span = max(everies)
+    if any(span % e for e in everies):  # a window must hold a whole number of each one's cycles
+        raise ValueError(f"each --every must divide the largest ({span}): {everies}")
     with tempfile.TemporaryDirectory() as tmp:
         writer = MetricWriter(Path(tmp) / "metrics")
         dash = Dashboard(Path(tmp) / "tb", {"name": model, "config": cfg.to_dict()}) \
@@ -145,8 +148,8 @@ def measure(model: str, batch: int, everies: list[int], windows: int,
         out[f"every_{m}_ci"] = _median_ci(ratios)
         out[f"every_{m}_pooled"] = sum(map(sum, times[m])) / sum(base)
         # The same windows as an absolute cost: extra milliseconds per logged step (a window
-        # logs span / m of the mode's steps), comparable across machines of different speed,
-        # where the ratio is not.
+        # logs span / m of the mode's steps), which unlike the ratio does not shrink on a slower
+        # machine for the same cost.
         extra = [(sum(t) - b) * 1e3 * m / span for t, b in zip(times[m], base, strict=True)]
         out[f"every_{m}_ms"] = statistics.median(extra)
         out[f"every_{m}_ms_ci"] = _median_ci(extra)
@@ -174,6 +177,8 @@ def main() -> None:
                          "bf16 on CPUs with native bf16)")
     ap.add_argument("--quick", action="store_true", help="3 windows (a rough figure in minutes)")
     a = ap.parse_args()
+    if any(max(a.every) % e for e in a.every):
+        ap.error(f"each --every must divide the largest ({max(a.every)})")
     device = resolve_device(a.device)
     windows = 3 if a.quick else a.windows
     span = max(a.every)
@@ -184,7 +189,7 @@ def main() -> None:
           "pooled = all its steps / all unprobed steps; +ms = median over windows of the extra "
           "time per logged step [95% bootstrap CI]")
     head = f"{'model':<11}{'precision':<11}{'unprobed ms/step':>18}" + "".join(
-        f"{'every ' + str(e) + ': ratio [CI] pooled, +ms [CI]':>62}" for e in a.every)
+        f"{'every ' + str(e) + ': ratio [CI] pooled, +ms [CI]':>61}" for e in a.every)
     print(head)
     for model in a.models:
         for amp in a.amp:

@@ -32,7 +32,8 @@ from gradlab.probing import PendingFrame, Probe
 from gradlab.probing.fused import kernels as _kernels
 from gradlab.runs import MetricWriter, RunDir, RunError, RunLock, git_commit, versions
 
-__all__ = ["train", "TrainResult", "resolve_device", "lr_at", "total_steps", "NonFiniteError"]
+__all__ = ["train", "TrainResult", "resolve_device", "lr_at", "total_steps", "NonFiniteError",
+           "nonfinite"]
 
 DEFAULT_STEPS = 600
 
@@ -232,6 +233,15 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def _bad_values(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """Which logged values fail the step (see :func:`nonfinite`, the same rule): inf or NaN, or
+    a gradient norm whose square is past float32's range."""
+    vals = cols["value"]
+    with np.errstate(invalid="ignore"):
+        big = (vals > _GRAD_NORM_MAX) & (cols["metric"] == "grad_norm")
+    return ~np.isfinite(vals) | big
+
+
 def _first_nonfinite(cols: dict[str, np.ndarray]) -> str | None:
     """The layer that went non-finite first: the earliest non-finite output in forward order,
     else the deepest non-finite gradient (backward runs from the last layer to the first).
@@ -240,8 +250,8 @@ def _first_nonfinite(cols: dict[str, np.ndarray]) -> str | None:
     identity_gap) exists only after its own layers' outputs; so outputs are ordered by when
     their forward ends: a module ranks just after its last submodule.
     """
-    vals, metrics, layers, depths = cols["value"], cols["metric"], cols["layer"], cols["depth"]
-    bad = ~np.isfinite(vals) & (depths >= 0)
+    metrics, layers, depths = cols["metric"], cols["layer"], cols["depth"]
+    bad = _bad_values(cols) & (depths >= 0)
     fwd = bad & np.isin(metrics, ["response_std", "residual_ratio", "identity_gap"])
     if fwd.any():
         depth_of = dict(zip(layers[depths >= 0], depths[depths >= 0], strict=True))
@@ -260,24 +270,27 @@ def _first_nonfinite(cols: dict[str, np.ndarray]) -> str | None:
 
 def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
     """Whether ``loss`` is inf or NaN, or a parameter's gradient holds inf or NaN or has a
-    squared L2 norm beyond float32's range (a norm above about 1.8e19, where float32 norms
-    overflow: a gradient that large is as good as diverged).
+    sum of squares past float32's range (an L2 norm above about 1.8e19, whose float32
+    computation overflows: a gradient that large is as good as diverged). A logged step applies
+    the same rule to its ``grad_norm`` rows.
 
-    One C pass over every gradient where the probe's kernels take them (CPU, one float dtype),
-    summing squares in float64; otherwise one ``_foreach_norm``. This runs on every unlogged CPU
-    step, so it is kept to a few calls.
+    One C pass over every gradient where the probe's kernels take them (CPU, one float dtype):
+    squares summed in float32 lanes, chunk totals in float64. A lane's partial sum is at most the
+    total, so it overflows only where the total is past the limit anyway. Otherwise one
+    ``_foreach_norm``. This runs on every unlogged CPU step, so it is kept to a few calls.
     """
     grads = [g for p in params if (g := p.grad) is not None]
     if not grads:
         return not math.isfinite(float(loss.detach()))
     sq = _kernels.sq_list(grads) if loss.is_cpu else None
     if sq is None:  # (float32 norms come back inf where their squares overflowed)
-        sq = torch.stack([n.double() for n in torch._foreach_norm(grads)]).square()
+        sq = torch.stack(torch._foreach_norm(grads)).double().square()
     # (NaN fails the comparison)
     return not (math.isfinite(float(loss.detach())) and float(sq.max()) <= _F32_MAX)  # sync
 
 
 _F32_MAX = torch.finfo(torch.float32).max
+_GRAD_NORM_MAX = math.sqrt(_F32_MAX)
 
 
 class Trainer:
@@ -351,7 +364,9 @@ class Trainer:
             pending = (self.probe.snapshot() if self.probe is not None
                        else PendingFrame(torch.zeros(0, device=dev), [], [], []))
             cols = pending.extend(scal).to_host()  # sync: the one per logged step
-            bad = not np.isfinite(cols["value"]).all()
+            bad = bool(_bad_values(cols).any())
+            if self.probe is None and check:  # no gradient norms among the rows
+                bad = bad or nonfinite(loss, self._params)
         elif check:
             # A gradient can go non-finite while the loss is finite (an overflow in one layer's
             # backward); applying it would poison the weights and blame a later step.

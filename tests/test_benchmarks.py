@@ -62,6 +62,33 @@ def test_probe_overhead_measure(monkeypatch):
     assert logged == {(False, False): 9, (True, True): 9}
 
 
+def test_probe_overhead_arithmetic_on_a_fake_clock(monkeypatch):
+    """Steps of a known cost: 0.5 s, and 20 ms more when logged. Every ratio and every
+    per-logged-step figure must come back exactly."""
+    po = _load("probe_overhead")
+    now = [0.0]
+    real_step = po.Trainer.step
+
+    def step(self, idx, lr, log, **kw):
+        out = real_step(self, idx, lr, log, **kw)
+        now[0] += 0.5 + (0.02 if log else 0.0)
+        return out
+
+    monkeypatch.setattr(po.Trainer, "step", step)
+    monkeypatch.setattr(po.time, "perf_counter", lambda: now[0])
+    r = po.measure("resnet8", batch=4, everies=[1, 2, 4], windows=2, device=CPU,
+                   tensorboard=False, amp="off")
+    for e in (1, 2, 4):
+        assert r[f"every_{e}"] == pytest.approx(1 + 0.04 / e)
+        assert r[f"every_{e}_pooled"] == pytest.approx(1 + 0.04 / e)
+        assert r[f"every_{e}_ms"] == pytest.approx(20.0)
+        assert r[f"every_{e}_ms_ci"] == pytest.approx((20.0, 20.0))
+    assert r["unprobed_ms"] == pytest.approx(500.0)
+    with pytest.raises(ValueError, match="must divide"):
+        po.measure("resnet8", batch=4, everies=[3, 10], windows=1, device=CPU,
+                   tensorboard=False, amp="off")
+
+
 def test_probe_overhead_unprobed_loop_has_no_hooks():
     from gradlab import create_model
     from gradlab.probing import Probe

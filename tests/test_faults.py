@@ -303,8 +303,7 @@ def _grads(dtype: torch.dtype, bad: float | None, where: int, layout: str) -> li
         params[1] = torch.nn.Parameter(params[1].detach().double())
         params[1].grad = torch.randn_like(params[1])
     elif layout == "missing":  # a parameter without a gradient is skipped
-        params[0].grad = None
-        where = where or 1
+        params.append(torch.nn.Parameter(torch.randn(4).to(dtype)))
     if bad is not None:
         g = params[where].grad
         if bad > 1e17:  # every element large
@@ -318,20 +317,31 @@ def _grads(dtype: torch.dtype, bad: float | None, where: int, layout: str) -> li
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("bad,where,loss", [
     (None, 0, 1.0), (float("inf"), 0, 1.0), (float("-inf"), 2, 1.0), (float("nan"), 1, 1.0),
-    (3.0e38, 0, 1.0), (1.0e18, 0, 1.0),  # squared norm past float32's range, and within it
+    # every element large: squares past float32's range, a sum of finite squares past it
+    # (288 x 1.44e36 = 4.1e38), and one just within it (2.9e38)
+    (3.0e38, 0, 1.0), (1.2e18, 0, 1.0), (1.0e18, 0, 1.0),
     (None, 0, float("inf")), (None, 0, float("nan")), (float("inf"), 0, float("-inf")),
 ])
 def test_unlogged_step_check_finds_exactly_the_non_finite(dtype, bad, where, loss,
                                                           layout) -> None:
-    from gradlab.training import nonfinite
+    from gradlab.probing.fused import kernels as _kernels
+    from gradlab.training import _bad_values, nonfinite
 
     params = _grads(dtype, bad, where, layout)
     # Reference in float64: inf/NaN anywhere, or a squared norm beyond float32's range.
     limit = torch.finfo(torch.float32).max
     ref = not (np.isfinite(loss) and all(float(p.grad.double().square().sum()) <= limit
                                          for p in params if p.grad is not None))
-    assert ref is (bad is not None and not -1e18 < bad < 1e19 or not np.isfinite(loss))
+    assert ref is (bad is not None and bad != 1.0e18 or not np.isfinite(loss))
+    if layout == "dense":  # the kernels' path, not the fallback
+        assert _kernels.load(required=True)
+        assert _kernels.sq_list([p.grad for p in params]) is not None
     assert nonfinite(torch.tensor(loss), params) is ref
+    # A logged step applies the same rule to its rows (float32 grad_norm, as the probe logs).
+    rows = [p.grad.double().square().sum().sqrt().float() for p in params if p.grad is not None]
+    cols = {"value": np.array([float(loss), *map(float, rows)]),
+            "metric": np.array(["loss"] + ["grad_norm"] * len(rows), dtype=object)}
+    assert bool(_bad_values(cols).any()) is ref
 
 
 # -- bad input: one line on stderr, exit code 2, nothing changed --------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -95,14 +96,45 @@ def test_degradation_reports_the_depth_penalty_contrast(supported_suite: Path) -
             for m in ("plain20", "plain56", "resnet20", "resnet56")}
     c = CLAIM_FUNCTIONS["degradation"](rs.runs)
     part = c.tests.set_index("part").loc["depth penalty, plain - residual"]
-    assert part["role"] == "descriptive" and part["n"] == 12
+    # All four models have seeds 0-2: the contrast is formed per seed (a seed's runs share
+    # their data order) and tested over the 3 seeds.
+    d = [(final[("plain56", s)] - final[("plain20", s)])
+         - (final[("resnet56", s)] - final[("resnet20", s)]) for s in range(3)]
+    ref = stats.ttest_1samp(d, 0.0, alternative="greater")
+    assert part["role"] == "descriptive" and part["n"] == 3 and "per-seed" in part["test"]
+    assert part["statistic"] == pytest.approx(ref.statistic)
+    assert part["p_claimed"] == pytest.approx(ref.pvalue)
     assert part["effect"] == pytest.approx((mean["plain56"] - mean["plain20"])
                                            - (mean["resnet56"] - mean["resnet20"]))
-    assert part["ci_low"] <= part["effect"] <= part["ci_high"]
+    assert (part["ci_low"], part["ci_high"]) == pytest.approx(t_mean_ci(d))
     assert part["p_claimed"] < 0.05  # planted: plain degrades by 0.25, residual not at all
     # The verdict is still decided by the two claimed parts alone.
     assert c.verdict == "supported" and c.p_value == pytest.approx(
         c.tests.set_index("part").iloc[0]["p_claimed"])
+
+
+def test_depth_penalty_without_shared_seeds_is_a_welch_contrast() -> None:
+    from types import SimpleNamespace
+
+    from gradlab.report.claims import _depth_penalty_part
+
+    rng = np.random.default_rng(4)
+    seeds = {("plain", 56): [0, 1, 2, 3], ("plain", 20): [0, 1, 2], ("residual", 56): [0, 1, 2],
+             ("residual", 20): [0, 1, 2]}  # plain56 has a fourth seed: not paired
+    rows = [{"family": f, "depth": d, "seed": s, "final_loss": rng.normal(0.1 * d, 0.3)}
+            for (f, d), ss in seeds.items() for s in ss]
+    details = pd.DataFrame(rows)
+    run = SimpleNamespace
+    sel = SimpleNamespace(plain={56: [run(model="plain56")], 20: [run(model="plain20")]},
+                          residual={56: [run(model="resnet56")], 20: [run(model="resnet20")]})
+    part = _depth_penalty_part(details, sel, 20, 56)
+    groups = [details.query("family == @f and depth == @d")["final_loss"].to_numpy()
+              for f, d in seeds]
+    est, t, p_gt, p_lt, ci = welch_contrast(groups, [1, -1, -1, 1])
+    assert "Welch-Satterthwaite" in part.test and part.n == 13
+    assert (part.effect, part.statistic, part.p, part.p_opposite, *part.ci) == pytest.approx(
+        (est, t, p_gt, p_lt, *ci))
+    assert p_gt + p_lt == pytest.approx(1.0)
 
 
 def test_welch_contrast_matches_ols_interaction_and_welch() -> None:
