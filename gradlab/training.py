@@ -283,8 +283,9 @@ def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
     if not grads:
         return not math.isfinite(float(loss.detach()))
     sq = _kernels.sq_list(grads) if loss.is_cpu else None
-    if sq is None:  # (float32 norms come back inf where their squares overflowed)
-        sq = torch.stack(torch._foreach_norm(grads)).double().square()
+    if sq is None:  # (float32 norms come back inf where their squares overflowed; squared on
+        # the host, which has float64 on every backend)
+        sq = torch.stack(torch._foreach_norm(grads)).cpu().double().square()
     # (NaN fails the comparison)
     return not (math.isfinite(float(loss.detach())) and float(sq.max()) <= _F32_MAX)  # sync
 
