@@ -10,7 +10,8 @@ choices that matter for the numbers, and why:
   ratio over its matched layers, and the test runs over those numbers. The pooled (layer, seed)
   Wilcoxon test is still reported, marked *descriptive*, for comparison.
 * **Pairs.** A plainN run is paired with the resnetN run of the same seed (same depth, same data
-  order); pairs from different depths are pooled, so each difference is within a depth.
+  order); pairs from different depths are pooled, so each difference is within a depth. A run
+  that records no seed is never paired (tests over single runs still use it).
 * **"Final" values** are the mean over the last 10% of logged steps (step 0, the initialization,
   excluded): one noisy batch does not decide a claim.
 * **Tests are one-sided** in the claim's direction; a claim is ``supported`` when its direction is
@@ -451,12 +452,17 @@ def _pairs(sel: _Selection) -> tuple[list[tuple[int, int | None, LoadedRun, Load
     """(depth, seed, plain run, residual run) for every depth and seed both families have."""
     pairs, notes = [], []
     for depth in sorted(set(sel.plain) & set(sel.residual)):
-        p = {r.seed: r for r in sel.plain[depth]}
-        q = {r.seed: r for r in sel.residual[depth]}
-        common = sorted(set(p) & set(q), key=lambda s: (s is None, s))
-        for s in common:
+        # A run that records no seed shares nothing known with any other run: never paired (two
+        # such runs are independent replicates, not a same-seed pair).
+        p = {r.seed: r for r in sel.plain[depth] if r.seed is not None}
+        q = {r.seed: r for r in sel.residual[depth] if r.seed is not None}
+        unseeded = [r.name for r in sel.plain[depth] + sel.residual[depth] if r.seed is None]
+        if unseeded:
+            notes.append(f"depth {depth}: {', '.join(unseeded)} record no seed and are not "
+                         "paired")
+        for s in sorted(set(p) & set(q)):
             pairs.append((depth, s, p[s], q[s]))
-        lone = sorted((set(p) ^ set(q)) - {None}, key=str)
+        lone = sorted(set(p) ^ set(q))
         if lone:
             notes.append(f"depth {depth}: seeds {', '.join(map(str, lone))} have no same-seed "
                          "partner and are not paired")

@@ -181,6 +181,25 @@ def test_no_effect_is_inconclusive_not_significant(tmp_path: Path) -> None:
         assert got[cid].reason.startswith("not significant (p=")
 
 
+def test_runs_without_a_seed_are_never_paired(tmp_path: Path) -> None:
+    make_suite(tmp_path)
+    for model in ("plain20", "resnet20"):  # two unseeded runs each: independent, not pairs
+        for i in range(2):
+            make_run(tmp_path, model, None, name=f"{model}-noseed{i}")
+    got = _verdicts(tmp_path)
+    for cid in ("smaller-responses", "near-identity", "gradient-flow"):
+        c = got[cid]
+        assert c.verdict == "supported", (cid, c.reason)
+        # The paired parts use the 3 seeds x 2 depths of same-seed pairs, as without them (a
+        # None "pair" made 7); the per-run parts keep all 8 residual runs.
+        ns = sorted(c.tests.query("role == 'claim'")["n"])
+        assert ns == ([6] if cid == "gradient-flow" else [6, 8]), (cid, ns)
+        assert any("plain20-noseed0, plain20-noseed1, resnet20-noseed0, resnet20-noseed1 "
+                   "record no seed and are not paired" in n for n in c.notes), c.notes
+    # Unpaired tests keep them as replicates (degradation's per-family Welch tests).
+    assert got["degradation"].n == 8
+
+
 def test_one_seed_is_inconclusive_for_every_claim(tmp_path: Path) -> None:
     make_suite(tmp_path, seeds=(0,))
     for cid, c in _verdicts(tmp_path).items():
