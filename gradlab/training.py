@@ -279,15 +279,16 @@ def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
     total, so it overflows only where the total is past the limit anyway. Otherwise one
     ``_foreach_norm``. This runs on every unlogged CPU step, so it is kept to a few calls.
     """
+    if not math.isfinite(float(loss.detach())):  # sync: CPU only
+        return True
     grads = [g for p in params if (g := p.grad) is not None]
     if not grads:
-        return not math.isfinite(float(loss.detach()))
+        return False
     sq = _kernels.sq_list(grads) if loss.is_cpu else None
     if sq is None:  # (float32 norms come back inf where their squares overflowed; squared on
         # the host, which has float64 on every backend)
         sq = torch.stack(torch._foreach_norm(grads)).cpu().double().square()
-    # (NaN fails the comparison)
-    return not (math.isfinite(float(loss.detach())) and float(sq.max()) <= _F32_MAX)  # sync
+    return not float(sq.max()) <= _F32_MAX  # (NaN fails the comparison)
 
 
 _F32_MAX = torch.finfo(torch.float32).max

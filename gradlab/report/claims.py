@@ -577,8 +577,8 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
     notes = sel.notes + _nonfinite_notes(_used(sel, (lo, hi)), ["loss"])
 
     def part(fam: str, groups: dict[int, list[LoadedRun]], role: str) -> _Part:
-        deep = details.query("family == @fam and depth == @hi")["final_loss"].to_numpy()
-        shallow = details.query("family == @fam and depth == @lo")["final_loss"].to_numpy()
+        deep = _final_losses(details, fam, hi).to_numpy()
+        shallow = _final_losses(details, fam, lo).to_numpy()
         t, p_gt, p_lt = _welch(deep, shallow)
         m_deep, m_shallow = groups[hi][0].model, groups[lo][0].model
         return _Part(
@@ -617,6 +617,12 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
                    notes=notes)
 
 
+def _final_losses(details: pd.DataFrame, family: str, depth: int) -> pd.Series:
+    """The final losses of one family at one depth from degradation's details, by seed."""
+    rows = details[(details["family"] == family) & (details["depth"] == depth)]
+    return rows.set_index("seed")["final_loss"]
+
+
 def _depth_penalty_part(details: pd.DataFrame, sel: _Selection, lo: int, hi: int) -> _Part:
     """The family x depth interaction: how much more going deeper raises the final loss in plain
     nets than in residual nets. Shown beside the verdict, not deciding it: the verdict tests the
@@ -630,8 +636,7 @@ def _depth_penalty_part(details: pd.DataFrame, sel: _Selection, lo: int, hi: int
     """
     keys = [("plain", hi), ("plain", lo), ("residual", hi), ("residual", lo)]
     weights = [1.0, -1.0, -1.0, 1.0]
-    by_seed = [details.query("family == @f and depth == @d").set_index("seed")["final_loss"]
-               for f, d in keys]
+    by_seed = [_final_losses(details, f, d) for f, d in keys]
     seeds = by_seed[0].index
     paired = (len(seeds) >= 2 and not seeds.hasnans and seeds.is_unique
               and all(g.index.is_unique and set(g.index) == set(seeds) for g in by_seed))
