@@ -300,11 +300,14 @@ class Kernels:
                     except Exception as e:  # noqa: BLE001 - any build failure means: eager
                         self.failed = f"{type(e).__name__}: {str(e).strip()[:300]}"
                         if not required:
-                            warnings.warn(f"gradlab: fused probe reductions unavailable "
-                                          f"({self.failed}); using the eager formulas",
+                            # (said for both users: the probe's reductions and the
+                            # training loop's non-finite check, which runs without a probe)
+                            warnings.warn(f"gradlab: C kernels unavailable ({self.failed}); "
+                                          "probe reductions and the non-finite gradient check "
+                                          "use ATen instead (same values, slower on CPU)",
                                           RuntimeWarning, stacklevel=3)
         if self.failed is not None and required:
-            raise RuntimeError(f"gradlab: fused probe reductions unavailable ({self.failed})")
+            raise RuntimeError(f"gradlab: C kernels unavailable ({self.failed})")
         return self._fns is not None
 
     def fn(self, name: str, dtype: torch.dtype):
