@@ -124,13 +124,69 @@ class _Part:
     n: int
     says: str  # what the claim's direction means, e.g. "resnet below plain"
     opposite: str  # what the opposite means
-    role: str = "claim"  # "claim" (must be significant) | "no-worse" | "descriptive"
+    role: str = "claim"  # "claim" (must be significant) | "no-worse" | "descriptive" | "depth"
+    # Where the values come from several depths: each depth's own test (role "depth"), which
+    # decide nothing alone but keep a verdict from hiding an effect that reverses with depth.
+    by_depth: list[_Part] = field(default_factory=list)
 
     def row(self) -> dict[str, object]:
         return {"part": self.name, "role": self.role, "test": self.test,
                 "statistic": self.statistic, "p_claimed": self.p, "p_opposite": self.p_opposite,
                 "effect_name": self.effect_name, "effect": self.effect, "ci_low": self.ci[0],
                 "ci_high": self.ci[1], "n": self.n}
+
+
+def _rows(parts: Iterable[_Part]) -> pd.DataFrame:
+    """The tests table: every part, each followed by its per-depth tests."""
+    return pd.DataFrame([r.row() for p in parts for r in [p, *p.by_depth]])
+
+
+def _strat_part(d: Sequence[float], depth: Sequence[int], alternative: str, *, name: str,
+                test: str, effect_name: str, transform: Callable[[float], float],
+                says: str, opposite: str) -> _Part:
+    """A claim part from :func:`_stratified_t1` (effect and CI through ``transform``)."""
+    st = _stratified_t1(d, depth, alternative)
+    if len(st.depths) > 1:
+        test += f", stratified by depth (t on {st.df:g} df within depths)"
+    per = [_Part(name=f"{name}, depth {lv} only", test="one-sample t-test, one-sided",
+                 statistic=float("nan"), p=p, p_opposite=q, effect_name=effect_name,
+                 effect=transform(mean), ci=(transform(lo), transform(hi)), n=n,
+                 says=f"{says} at depth {lv}", opposite=f"{opposite} at depth {lv}",
+                 role="depth")
+           for lv, n, mean, p, q, (lo, hi) in st.depths] if len(st.depths) > 1 else []
+    return _Part(name=name, test=test, statistic=st.t, p=st.p, p_opposite=st.p_opposite,
+                 effect_name=effect_name, effect=transform(st.est),
+                 ci=(transform(st.ci[0]), transform(st.ci[1])), n=len(d), says=says,
+                 opposite=opposite, by_depth=per)
+
+
+def _depth_split(parts: Iterable[_Part]) -> str:
+    """The depths at which a part's direction (or its opposite) is significant on its own
+    (Holm over the depths, each direction): explains an inconclusive pooled test."""
+    said = []
+    for part in parts:
+        if not part.by_depth:
+            continue
+        for attr, word in (("p", "says"), ("p_opposite", "opposite")):
+            adj = holm([getattr(q, attr) for q in part.by_depth])
+            said += [f"{getattr(q, word)} (p={a:.3g})"
+                     for q, a in zip(part.by_depth, adj, strict=True) if a < ALPHA]
+    return "; ".join(said)
+
+
+def _reversal(part: _Part, verdict: str) -> str | None:
+    """Why a verdict on a part pooled over depths does not stand: the opposite holds at one
+    of its depths (Holm over the depths), or None."""
+    if not part.by_depth:
+        return None
+    if verdict == "supported":
+        adj, word = holm([q.p_opposite for q in part.by_depth]), "opposite"
+    else:
+        adj, word = holm([q.p for q in part.by_depth]), "says"
+    hits = [(q, a) for q, a in zip(part.by_depth, adj, strict=True) if a < ALPHA]
+    if not hits:
+        return None
+    return "; ".join(f"{getattr(q, word)} (p={a:.3g}, Holm over depths)" for q, a in hits)
 
 
 _INFO = {
@@ -143,14 +199,17 @@ _INFO = {
         "(step 0 excluded). Depths compared: the shallowest and the deepest depth that both plain "
         "and residual nets have (with >= 2 seeds each). Part 1: one-sided Welch t-test, deeper "
         "plain > shallower plain. Part 2: one-sided Welch t-test, deeper residual > shallower "
-        "residual. Supported: part 1 significant (p < 0.05) and part 2 not. Contradicted: deeper "
-        "plain significantly lower, or deeper residual significantly higher (Holm over the two). "
-        "Effect: difference of mean final loss (deeper - shallower) with Welch's 95% CI. "
-        "Shown beside them, descriptive (not part of the verdict): the depth penalty of plain "
-        "minus that of residual nets, (deep - shallow plain) - (deep - shallow residual) final "
-        "loss, tested > 0 one-sided: per seed with a one-sample t-test over seeds where all "
-        "four models share their seeds (a seed's runs share the data order), else by a "
-        "Welch-Satterthwaite contrast of the four means; 95% CI of the same model."),
+        "residual. Part 3: the depth penalty of plain minus that of residual nets, (deep - "
+        "shallow plain) - (deep - shallow residual) final loss, tested > 0 one-sided: per seed "
+        "with a one-sample t-test over seeds where all four models share their seeds (a seed's "
+        "runs share the data order), else by a Welch-Satterthwaite contrast of the four means. "
+        "Supported: parts 1 and 3 significant (p < 0.05) and part 2 not (part 2 alone would "
+        "be absence of evidence; part 3 tests the difference between the families directly), "
+        "and no run of the four models diverged. Contradicted: deeper plain significantly "
+        "lower, or deeper residual significantly higher (Holm over the two). Effects: "
+        "differences of mean final loss with 95% CIs of the test's model (Welch's for parts 1 "
+        "and 2). A run with no finite loss in its final window is left out of the tests and "
+        "named; it, or a run stopped by a non-finite value, keeps the claim from support."),
     "smaller-responses": (
         "Residual nets have smaller layer responses",
         "Residual nets' response_std is below plain nets' at matched layers, and falls with "
@@ -288,8 +347,14 @@ def _quiet(fn: Callable, *args, **kw):
 
 
 def _t1(d: Sequence[float], alternative: str) -> tuple[float, float, float]:
-    """One-sample t-test vs 0: (t, p in ``alternative``, p in the opposite direction)."""
+    """One-sample t-test vs 0: (t, p in ``alternative``, p in the opposite direction).
+
+    No spread at all (or fewer than two values): no test, p = 1 each way, as in
+    :func:`welch_contrast` (scipy would give t = inf and p = 0 for any non-zero mean).
+    """
     d = np.asarray(d, dtype=float)
+    if len(d) < 2 or not d.std() > 0:
+        return float("nan"), 1.0, 1.0
     opposite = "greater" if alternative == "less" else "less"
     r = _quiet(stats.ttest_1samp, d, 0.0, alternative=alternative)
     r2 = _quiet(stats.ttest_1samp, d, 0.0, alternative=opposite)
@@ -297,10 +362,65 @@ def _t1(d: Sequence[float], alternative: str) -> tuple[float, float, float]:
 
 
 def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Welch t-test of mean(a) > mean(b): (t, p greater, p less)."""
+    """Welch t-test of mean(a) > mean(b): (t, p greater, p less); no spread in either group,
+    or fewer than two values in one: no test, p = 1 each way (as :func:`_t1`)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2 or not (a.var() + b.var()) > 0:
+        return float("nan"), 1.0, 1.0
     r = _quiet(stats.ttest_ind, a, b, equal_var=False, alternative="greater")
     r2 = _quiet(stats.ttest_ind, a, b, equal_var=False, alternative="less")
     return float(r.statistic), _p(r.pvalue), _p(r2.pvalue)
+
+
+@dataclass
+class _Strat:
+    """A one-sample t-test of mean(d) vs 0 with the pairs (or runs) stratified by depth."""
+
+    est: float
+    t: float
+    p: float  # in the claim's direction
+    p_opposite: float
+    ci: tuple[float, float]  # two-sided 95%, before any transform
+    df: float
+    depths: list[tuple[int, int, float, float, float, tuple[float, float]]]
+    # per depth: (depth, n, mean, p claimed, p opposite, 95% CI)
+
+
+def _stratified_t1(d: Sequence[float], depth: Sequence[int], alternative: str) -> _Strat:
+    """Test mean(d) vs 0 where the values come from several depths.
+
+    Pairs (or runs) of one depth share that depth's mean effect; pooling depths into one
+    one-sample t-test would count the spread *between* depths as noise and lose the test where
+    the effect changes with depth. So depth is a fixed effect: d_ij = mu_j + e_ij, the estimate
+    is the mean of all values (each depth weighted by its count), its variance s^2 / N with s^2
+    the within-depth variance on N - J degrees of freedom (J depths). With one depth this is
+    the one-sample t-test and its t interval. Each depth's own t-test (two or more values) is
+    returned too, for the check that the effect does not reverse between depths.
+    """
+    d, depth = np.asarray(d, dtype=float), np.asarray(depth)
+    levels = sorted(set(depth.tolist()))
+    per = []
+    for lv in levels:
+        x = d[depth == lv]
+        t_j, p_j, q_j = _t1(x, alternative)
+        per.append((int(lv), len(x), float(x.mean()), p_j, q_j, t_mean_ci(x)))
+    if len(levels) == 1:
+        t, p, q = _t1(d, alternative)
+        return _Strat(float(d.mean()), t, p, q, t_mean_ci(d), len(d) - 1.0, per)
+    n, df = len(d), len(d) - len(levels)
+    means = {lv: d[depth == lv].mean() for lv in levels}
+    resid = d - np.array([means[v] for v in depth.tolist()])
+    est = float(d.mean())
+    ss = float((resid ** 2).sum())
+    if df < 1 or not ss > 0:  # no within-depth spread to test against
+        return _Strat(est, float("nan"), 1.0, 1.0, (float("nan"), float("nan")), float(df),
+                      per)
+    se = np.sqrt(ss / df / n)
+    t = est / se
+    lower, upper = _p(stats.t.cdf(t, df)), _p(stats.t.sf(t, df))
+    p, q = (lower, upper) if alternative == "less" else (upper, lower)
+    half = stats.t.ppf(0.975, df) * se
+    return _Strat(est, float(t), p, q, (est - half, est + half), float(df), per)
 
 
 def _p(p: float) -> float:
@@ -320,10 +440,11 @@ def _trend(x: np.ndarray, y: np.ndarray
     lo = _quiet(stats.linregress, x, y, alternative="less")
     hi = _quiet(stats.linregress, x, y, alternative="greater")
     se = float(lo.stderr)
-    t = float(lo.slope) / se if se > 0 else float("nan")
     half = stats.t.ppf(0.975, len(x) - 2) * se if len(x) > 2 else float("nan")
     ci = (float(lo.slope - half), float(lo.slope + half))
-    return float(lo.slope), t, _p(lo.pvalue), _p(hi.pvalue), ci
+    if not se > 0:  # an exact fit (or too few points): no test, as _t1
+        return float(lo.slope), float("nan"), 1.0, 1.0, ci
+    return float(lo.slope), float(lo.slope) / se, _p(lo.pvalue), _p(hi.pvalue), ci
 
 
 # -- run selection ------------------------------------------------------------------------------
@@ -481,7 +602,7 @@ def _result(cid: str, verdict: str, reason: str, *, part: _Part | None = None,
     res = ClaimResult(id=cid, title=title, statement=statement, source=source, method=method,
                       verdict=verdict, reason=reason,
                       details=details if details is not None else pd.DataFrame(),
-                      tests=pd.DataFrame([p.row() for p in parts]), notes=list(notes))
+                      tests=_rows(parts), notes=list(notes))
     if part is not None:
         res.test, res.statistic, res.n = part.test, part.statistic, part.n
         res.p_value = part.p if p_value is None else p_value
@@ -496,19 +617,32 @@ def _decide(cid: str, parts: list[_Part], *, details: pd.DataFrame,
     tested = [p for p in parts if p.role == "claim"]
     adj = holm([p.p_opposite for p in tested])
     worst = int(np.argmin(adj))
+    weakest = max(tested, key=lambda p: p.p)
     if adj[worst] < ALPHA:
         p = tested[worst]
         why = f"{p.opposite} (p={adj[worst]:.3g}"
         why += ", Holm over the parts)" if len(tested) > 1 else ")"
-        return _result(cid, "contradicted", why, part=p, parts=parts, details=details,
+        against = _reversal(p, "contradicted")
+        if against is None:
+            return _result(cid, "contradicted", why, part=p, parts=parts, details=details,
+                           notes=notes, p_value=adj[worst])
+        return _result(cid, "inconclusive", f"the effect reverses between depths: {why} "
+                       f"pooled, but {against}", part=p, parts=parts, details=details,
                        notes=notes, p_value=adj[worst])
-    weakest = max(tested, key=lambda p: p.p)
     if weakest.p < ALPHA:
         reason = "; ".join(f"{p.says} (p={p.p:.3g})" for p in tested)
-        return _result(cid, "supported", reason, part=weakest, parts=parts, details=details,
+        against = "; ".join(r for p in tested if (r := _reversal(p, "supported")))
+        if not against:
+            return _result(cid, "supported", reason, part=weakest, parts=parts,
+                           details=details, notes=notes)
+        return _result(cid, "inconclusive", f"the effect reverses between depths: {reason} "
+                       f"pooled, but {against}", part=weakest, parts=parts, details=details,
                        notes=notes)
     failing = [p for p in tested if p.p >= ALPHA]
     reason = "not significant (" + "; ".join(f"p={p.p:.3g} for {p.name}" for p in failing) + ")"
+    split = _depth_split(tested)
+    if split:
+        reason += f"; by depth: {split}"
     return _result(cid, "inconclusive", reason, part=weakest, parts=parts, details=details,
                    notes=notes)
 
@@ -540,9 +674,10 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
     """Deeper plain nets end with higher training loss; deeper residual nets do not (Fig. 1, 6).
 
     Deepest vs shallowest depth shared by both families, final loss per run, one-sided Welch
-    t-tests; supported when the plain comparison is significant and the residual one is not.
-    "Not significantly worse" is weaker than "no worse": with few seeds it is easy to pass, which
-    is why the residual effect and its CI are reported alongside.
+    t-tests; supported when the plain comparison is significant, the residual one is not, and
+    the plain nets' depth penalty is significantly larger than the residual nets' (the family x
+    depth contrast). "Not significantly worse" alone is weaker than "no worse": with few, noisy
+    seeds it is easy to pass, which is why the contrast must also hold.
     """
     cid = "degradation"
     sel = _select(runs, ["loss"])
@@ -575,6 +710,26 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
                              "logged_steps": r.logged_steps})
     details = pd.DataFrame(rows)
     notes = sel.notes + _nonfinite_notes(_used(sel, (lo, hi)), ["loss"])
+    # A run whose whole final window is non-finite has no final loss: it cannot enter a test of
+    # mean loss, and leaving it out silently would favour its model. Such runs, and those that
+    # stopped on a non-finite value, are named, and the claim cannot be supported with them.
+    lost = details[~np.isfinite(details["final_loss"])]
+    for name in lost["run"]:
+        notes.append(f"{name}: no finite loss in its last 10% of logged steps; left out of the "
+                     "tests")
+    details = details[np.isfinite(details["final_loss"])]
+    # (Only runs whose loss would have counted against the claim: a diverged deeper residual
+    # or shallower plain net. Leaving out a diverged deeper plain net is conservative.)
+    against = {sel.residual[hi][0].model, sel.plain[lo][0].model}
+    diverged = [r.name for r in runs if r.model in against and (
+        r.name in set(lost["run"]) or r.status == "failed" and r.failure is not None
+        and str(r.failure.get("reason", "")).startswith("non-finite"))]
+    short = [f"{g[d][0].model} has {n}" for fam, g in (("plain", sel.plain),
+                                                          ("residual", sel.residual))
+             for d in (lo, hi) if (n := len(_final_losses(details, fam, d))) < MIN_SEEDS]
+    if short:
+        return _inconclusive(cid, f"too few runs with a finite final loss ({'; '.join(short)}; "
+                             f"needs >= {MIN_SEEDS})", notes, details=details)
 
     def part(fam: str, groups: dict[int, list[LoadedRun]], role: str) -> _Part:
         deep = _final_losses(details, fam, hi).to_numpy()
@@ -593,7 +748,8 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
                       f"{m_deep} ends with significantly higher loss than {m_shallow}"))
 
     plain, res = part("plain", sel.plain, "claim"), part("residual", sel.residual, "no-worse")
-    parts = [plain, res, _depth_penalty_part(details, sel, lo, hi)]
+    penalty = _depth_penalty_part(details, sel, lo, hi)
+    parts = [plain, res, penalty]
     # Contradiction: deeper plain significantly better, or deeper residual significantly worse.
     adj = holm([plain.p_opposite, res.p])
     if adj[0] < ALPHA or adj[1] < ALPHA:
@@ -603,16 +759,25 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
                            p_value=adj[0])
         return _result(cid, "contradicted", f"{res.opposite} (p={adj[1]:.3g}, Holm)", part=res,
                        parts=parts, details=details, notes=notes, p_value=adj[1])
-    if plain.p < ALPHA and res.p >= ALPHA:
+    if plain.p < ALPHA and res.p >= ALPHA and penalty.p < ALPHA:
         reason = (f"{plain.says} (p={plain.p:.3g}); {res.name}: not significantly worse "
-                  f"(p={res.p:.3g})")
-        return _result(cid, "supported", reason, part=plain, parts=parts, details=details,
-                       notes=notes)
-    if plain.p >= ALPHA:
+                  f"(p={res.p:.3g}); {penalty.says} (p={penalty.p:.3g})")
+        if not diverged:
+            return _result(cid, "supported", reason, part=max((plain, penalty),
+                                                              key=lambda p: p.p),
+                           parts=parts, details=details, notes=notes)
+        reason = (f"{reason}; but {', '.join(diverged)} diverged (a non-finite loss), which a "
+                  "test of mean final loss cannot weigh")
+    elif plain.p >= ALPHA:
         reason = f"not significant (p={plain.p:.3g} for {plain.name})"
-    else:
+    elif res.p < ALPHA:
         reason = (f"{res.name} also ends worse (p={res.p:.3g}), though not significantly "
                   "after Holm's correction")
+    else:
+        # "Not significantly worse" alone is absence of evidence: the direct comparison of the
+        # two families' depth penalties must show the difference the claim is about.
+        reason = (f"{plain.says} (p={plain.p:.3g}), but the depth penalty of plain nets is not "
+                  f"shown larger than that of residual nets (p={penalty.p:.3g})")
     return _result(cid, "inconclusive", reason, part=plain, parts=parts, details=details,
                    notes=notes)
 
@@ -625,9 +790,9 @@ def _final_losses(details: pd.DataFrame, family: str, depth: int) -> pd.Series:
 
 def _depth_penalty_part(details: pd.DataFrame, sel: _Selection, lo: int, hi: int) -> _Part:
     """The family x depth interaction: how much more going deeper raises the final loss in plain
-    nets than in residual nets. Shown beside the verdict, not deciding it: the verdict tests the
-    paper's two statements as written, and its residual half rests on a non-significant test;
-    this contrast tests the difference between the families directly.
+    nets than in residual nets. Required for support: the residual half of the paper's
+    statement rests on a non-significant test (absence of evidence), and this contrast tests
+    the difference between the families directly.
 
     Where all four models have the same seeds, the four runs of a seed share their data order
     (and plain and option-A residual nets of a depth their initial weights), so the contrast is
@@ -651,30 +816,40 @@ def _depth_penalty_part(details: pd.DataFrame, sel: _Selection, lo: int, hi: int
     p_hi, p_lo = sel.plain[hi][0].model, sel.plain[lo][0].model
     r_hi, r_lo = sel.residual[hi][0].model, sel.residual[lo][0].model
     return _Part(
-        name="depth penalty, plain - residual", test=test + " (descriptive)",
+        name="depth penalty, plain - residual", test=test,
         statistic=t, p=p_gt, p_opposite=p_lt,
         effect_name=f"({p_hi} - {p_lo}) - ({r_hi} - {r_lo}) mean final loss", effect=est,
-        ci=ci, n=n, role="descriptive",
+        ci=ci, n=n, role="claim",
         says="going deeper raises the final loss more in plain nets than in residual nets",
         opposite="going deeper raises the final loss more in residual nets")
 
 
-def _matched_log_ratio(plain: pd.DataFrame, res: pd.DataFrame) -> pd.DataFrame:
-    """Inner join of per-layer values on the layer name, with ln(res / plain)."""
+def _matched_log_ratio(plain: pd.DataFrame, res: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Inner join of per-layer values on the layer name, with ln(res / plain); and how many
+    matched layers were left out for a value that is not finite and positive (no logarithm)."""
     m = plain.merge(res, on="layer", suffixes=("_plain", "_res"))
-    m = m[(m["value_plain"] > 0) & (m["value_res"] > 0)]
-    return m.assign(log_ratio=np.log(m["value_res"] / m["value_plain"]))
+    ok = (m["value_plain"] > 0) & (m["value_res"] > 0) & np.isfinite(m["value_plain"]) \
+        & np.isfinite(m["value_res"])
+    m = m[ok]
+    return m.assign(log_ratio=np.log(m["value_res"] / m["value_plain"])), int((~ok).sum())
 
 
 def _paired_ratio_part(pairs, metric: str, layer_filter: Callable[[str], bool], name: str,
-                       what: str) -> tuple[_Part | None, pd.DataFrame, pd.DataFrame]:
-    """Part test: mean ln(res/plain) over matched layers per run pair, t-test of d < 0."""
+                       what: str, notes: list[str]
+                       ) -> tuple[_Part | None, pd.DataFrame, pd.DataFrame]:
+    """Part test: mean ln(res/plain) over matched layers per run pair, t-test of d < 0
+    stratified by depth; what it leaves out is added to ``notes``."""
     rows, pooled = [], []
     for depth, seed, p, q in pairs:
         a, b = p.final_layers(metric), q.final_layers(metric)
         a, b = a[a["layer"].map(layer_filter)], b[b["layer"].map(layer_filter)]
-        m = _matched_log_ratio(a, b)
+        m, dropped = _matched_log_ratio(a, b)
+        if dropped:
+            notes.append(f"pair {p.name} / {q.name}: {dropped} matched layer(s) with a final "
+                         f"{metric} that is not finite and positive left out")
         if m.empty:
+            notes.append(f"pair {p.name} / {q.name} not used: no matched layers with a finite, "
+                         f"positive final {metric}")
             continue
         pooled.append(m.assign(depth=depth, seed=seed))
         rows.append({"depth": depth, "seed": seed, "plain_run": p.name, "residual_run": q.name,
@@ -684,14 +859,13 @@ def _paired_ratio_part(pairs, metric: str, layer_filter: Callable[[str], bool], 
     pooled_df = pd.concat(pooled, ignore_index=True) if pooled else pd.DataFrame()
     if len(details) < 2:
         return None, details, pooled_df
-    d = details["mean_log_ratio"].to_numpy()
-    t, p_lt, p_gt = _t1(d, "less")
-    part = _Part(name=name, test="one-sample t-test on per-pair mean log ratio, one-sided",
-                 statistic=t, p=p_lt, p_opposite=p_gt,
-                 effect_name=f"geometric-mean {metric} ratio resnet/plain",
-                 effect=float(np.exp(d.mean())), ci=t_mean_ci(d, np.exp), n=len(d),
-                 says=f"{what} of residual nets below plain nets",
-                 opposite=f"{what} of residual nets significantly above plain nets")
+    part = _strat_part(details["mean_log_ratio"].to_numpy(), details["depth"].to_numpy(),
+                       "less", name=name,
+                       test="one-sample t-test on per-pair mean log ratio, one-sided",
+                       effect_name=f"geometric-mean {metric} ratio resnet/plain",
+                       transform=lambda v: float(np.exp(v)),
+                       says=f"{what} of residual nets below plain nets",
+                       opposite=f"{what} of residual nets significantly above plain nets")
     return part, details, pooled_df
 
 
@@ -726,7 +900,7 @@ def smaller_responses(runs: Sequence[LoadedRun]) -> ClaimResult:
     notes = notes + _nonfinite_notes(_used(sel), ["response_std"])
     part1, details, pooled = _paired_ratio_part(
         pairs, "response_std", is_conv_bn, "resnet vs plain at matched layers",
-        "response_std")
+        "response_std", notes)
     if part1 is None:
         return _inconclusive(cid, "fewer than two plain/residual pairs with matched BN layers",
                              notes, details=details)
@@ -740,6 +914,12 @@ def smaller_responses(runs: Sequence[LoadedRun]) -> ClaimResult:
         for r in rs:
             v = r.final_layers("response_std")
             v = v[v["layer"].map(is_conv_bn)]
+            bad = ~(np.isfinite(v["value"]) & (v["value"] > 0))
+            if bad.any():
+                notes.append(f"{r.name}: {int(bad.sum())} BN layer(s) with a final "
+                             "response_std that is not finite and positive left out of its "
+                             "mean (depth trend)")
+                v = v[~bad]
             if len(v):
                 res_rows.append({"part": "depth trend", "depth": depth, "seed": r.seed,
                                  "residual_run": r.name, "mean_response_std":
@@ -774,7 +954,7 @@ def smaller_responses(runs: Sequence[LoadedRun]) -> ClaimResult:
     parts.append(part2)
     res = _decide(cid, parts, details=details, notes=notes)
     if desc is not None:
-        res.tests = pd.DataFrame([p.row() for p in parts + [desc]])
+        res.tests = _rows(parts + [desc])
     return res
 
 
@@ -793,14 +973,20 @@ def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
     for depth, rs in sorted(sel.residual.items()):
         for r in rs:
             v = r.final_layers("residual_ratio")
-            v = v[v["value"] > 0]
+            ok = np.isfinite(v["value"]) & (v["value"] > 0)
+            if (~ok).any():
+                notes.append(f"{r.name}: {int((~ok).sum())} block(s) with a final "
+                             "residual_ratio that is not finite and positive left out")
+            v = v[ok]
             if v.empty:
-                notes.append(f"{r.name}: no residual_ratio rows")
+                notes.append(f"{r.name}: no finite, positive residual_ratio; not used")
                 continue
-            lr = np.log10(v["value"].to_numpy())
+            lr = np.sort(np.log10(v["value"].to_numpy()))
+            # The upper median (the middle value; of an even count, the upper of the two): it
+            # is < 0 exactly when more than half of the blocks have ratio < 1.
             rows.append({"part": "residual_ratio", "depth": depth, "seed": r.seed,
                          "residual_run": r.name, "blocks": len(v),
-                         "median_log10_ratio": float(np.median(lr)),
+                         "median_log10_ratio": float(lr[len(lr) // 2]),
                          "fraction_below_1": float((lr < 0).mean())})
     part1_df = pd.DataFrame(rows)
     if len(part1_df) < 2:
@@ -812,15 +998,14 @@ def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
             if sel.single_seed:
                 reason += f"; only one seed for {'; '.join(sel.single_seed)}"
         return _inconclusive(cid, reason, notes, details=part1_df)
-    m = part1_df["median_log10_ratio"].to_numpy()
-    t, p_lt, p_gt = _t1(m, "less")
-    part1 = _Part(name="residual_ratio < 1 for most blocks",
-                  test="one-sample t-test on per-run median log10 ratio, one-sided",
-                  statistic=t, p=p_lt, p_opposite=p_gt,
-                  effect_name="typical block residual_ratio (10^mean of run medians)",
-                  effect=float(10 ** m.mean()), ci=t_mean_ci(m, lambda v: 10 ** v), n=len(m),
-                  says="most blocks have residual_ratio < 1",
-                  opposite="most blocks have residual_ratio significantly > 1")
+    part1 = _strat_part(part1_df["median_log10_ratio"].to_numpy(),
+                        part1_df["depth"].to_numpy(), "less",
+                        name="residual_ratio < 1 for most blocks",
+                        test="one-sample t-test on per-run median log10 ratio, one-sided",
+                        effect_name="typical block residual_ratio (10^mean of run medians)",
+                        transform=lambda v: float(10 ** v),
+                        says="most blocks have residual_ratio < 1",
+                        opposite="most blocks have residual_ratio significantly > 1")
     pairs, pair_notes = _pairs(sel)
     notes += pair_notes
     parts = [part1]
@@ -833,7 +1018,7 @@ def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
         return _inconclusive(cid, reason, notes, parts=parts, details=part1_df)
     part2, gap_df, pooled = _paired_ratio_part(
         pairs, "identity_gap", lambda _: True, "identity_gap resnet vs plain at matched blocks",
-        "identity_gap")
+        "identity_gap", notes)
     details = pd.concat([part1_df, gap_df.assign(part="identity_gap")], ignore_index=True)
     if part2 is None:
         reason = "fewer than two plain/residual pairs with identity_gap at matched blocks"
@@ -842,7 +1027,7 @@ def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
     res = _decide(cid, parts, details=details, notes=notes)
     desc = _pooled_wilcoxon(pooled, "identity_gap, pooled blocks")
     if desc is not None:
-        res.tests = pd.DataFrame([p.row() for p in parts + [desc]])
+        res.tests = _rows(parts + [desc])
     return res
 
 
@@ -918,19 +1103,18 @@ def gradient_flow(runs: Sequence[LoadedRun]) -> ClaimResult:
                          "3 BN layers with finite, positive response_grad_norm)")
         rows.append(row)
     details = pd.DataFrame(rows)
-    d = details["d_abs_slope"].to_numpy()
-    d = d[np.isfinite(d)]
-    if len(d) < 2:
+    ok = np.isfinite(details["d_abs_slope"].to_numpy())
+    if ok.sum() < 2:
         return _inconclusive(cid, "fewer than two plain/residual pairs with >= 3 BN layers of "
                              "response_grad_norm", notes, details=details)
-    t, p_gt, p_lt = _t1(d, "greater")
-    part = _Part(name="|slope| plain - residual",
-                 test="one-sample t-test on per-pair |slope| difference, one-sided",
-                 statistic=t, p=p_gt, p_opposite=p_lt,
-                 effect_name="mean |slope| plain - residual (decades per layer)",
-                 effect=float(d.mean()), ci=t_mean_ci(d), n=len(d),
-                 says="gradient norms change through depth more in plain nets",
-                 opposite="gradient norms change through depth significantly more in residual nets")
+    part = _strat_part(details["d_abs_slope"].to_numpy()[ok], details["depth"].to_numpy()[ok],
+                       "greater", name="|slope| plain - residual",
+                       test="one-sample t-test on per-pair |slope| difference, one-sided",
+                       effect_name="mean |slope| plain - residual (decades per layer)",
+                       transform=float,
+                       says="gradient norms change through depth more in plain nets",
+                       opposite="gradient norms change through depth significantly more in "
+                                "residual nets")
     return _decide(cid, [part], details=details, notes=notes)
 
 
