@@ -353,7 +353,7 @@ def _t1(d: Sequence[float], alternative: str) -> tuple[float, float, float]:
     :func:`welch_contrast` (scipy would give t = inf and p = 0 for any non-zero mean).
     """
     d = np.asarray(d, dtype=float)
-    if len(d) < 2 or not d.std() > 0:
+    if len(d) < 2 or not np.ptp(d) > 0:  # (all equal; ptp, not a rounded std)
         return float("nan"), 1.0, 1.0
     opposite = "greater" if alternative == "less" else "less"
     r = _quiet(stats.ttest_1samp, d, 0.0, alternative=alternative)
@@ -365,7 +365,7 @@ def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]
     """Welch t-test of mean(a) > mean(b): (t, p greater, p less); no spread in either group,
     or fewer than two values in one: no test, p = 1 each way (as :func:`_t1`)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or len(b) < 2 or not (a.var() + b.var()) > 0:
+    if len(a) < 2 or len(b) < 2 or not (np.ptp(a) > 0 or np.ptp(b) > 0):
         return float("nan"), 1.0, 1.0
     r = _quiet(stats.ttest_ind, a, b, equal_var=False, alternative="greater")
     r2 = _quiet(stats.ttest_ind, a, b, equal_var=False, alternative="less")
@@ -412,7 +412,8 @@ def _stratified_t1(d: Sequence[float], depth: Sequence[int], alternative: str) -
     resid = d - np.array([means[v] for v in depth.tolist()])
     est = float(d.mean())
     ss = float((resid ** 2).sum())
-    if df < 1 or not ss > 0:  # no within-depth spread to test against
+    flat = all(not np.ptp(d[depth == lv]) > 0 for lv in levels)
+    if df < 1 or flat or not ss > 0:  # no within-depth spread to test against
         return _Strat(est, float("nan"), 1.0, 1.0, (float("nan"), float("nan")), float(df),
                       per)
     se = np.sqrt(ss / df / n)

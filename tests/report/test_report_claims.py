@@ -417,3 +417,120 @@ def test_early_window_of_one_step_is_named(tmp_path: Path) -> None:
     make_suite(tmp_path, every=100)
     c = CLAIM_FUNCTIONS["gradient-flow"](load_runs([tmp_path]).runs)
     assert any("first 10% of training holds one logged step (0)" in n for n in c.notes)
+
+# -- stratification by depth, and the degradation claim's guards -----------------------------
+def test_stratified_test_is_the_fixed_effects_linear_model() -> None:
+    from gradlab.report.claims import _stratified_t1
+
+    rng = np.random.default_rng(3)
+    depth = np.array([20] * 4 + [56] * 3 + [110] * 5)
+    d = np.where(depth == 20, 0.3, np.where(depth == 56, -0.1, 0.05)) + rng.normal(0, 0.1, 12)
+    st = _stratified_t1(d, depth, "greater")
+    # Independent: least squares on depth indicators; the estimate is the count-weighted mean
+    # of the depth effects, its variance c' (X'X)^-1 c s^2 with s^2 on N - J df.
+    levels = [20, 56, 110]
+    X = (depth[:, None] == np.array(levels)[None, :]).astype(float)
+    beta, res, *_ = np.linalg.lstsq(X, d, rcond=None)
+    df = len(d) - len(levels)
+    s2 = float(res[0]) / df
+    c = X.sum(0) / len(d)
+    est = float(c @ beta)
+    se = float(np.sqrt(s2 * c @ np.linalg.inv(X.T @ X) @ c))
+    assert st.est == pytest.approx(est) and st.df == df
+    assert st.t == pytest.approx(est / se)
+    assert st.p == pytest.approx(stats.t.sf(est / se, df))
+    assert st.p_opposite == pytest.approx(stats.t.cdf(est / se, df))
+    half = stats.t.ppf(0.975, df) * se
+    assert st.ci == pytest.approx((est - half, est + half))
+    # Each depth's own test is the one-sample t-test of its values.
+    for lv, n, mean, p, q, ci in st.depths:
+        x = d[depth == lv]
+        assert (n, mean) == (len(x), pytest.approx(x.mean()))
+        assert p == pytest.approx(stats.ttest_1samp(x, 0, alternative="greater").pvalue)
+        assert ci == pytest.approx(t_mean_ci(x))
+    # One depth: exactly the one-sample t-test.
+    one = _stratified_t1(d[:4], depth[:4], "greater")
+    ref = stats.ttest_1samp(d[:4], 0, alternative="greater")
+    assert (one.t, one.p) == pytest.approx((ref.statistic, ref.pvalue))
+
+
+def test_an_effect_that_reverses_between_depths_is_not_supported() -> None:
+    from gradlab.report.claims import _decide, _strat_part
+
+    # Large at depth 20, small but significantly opposite at depth 56: the pooled (stratified)
+    # mean is clearly > 0, yet the claim does not hold at every depth tested.
+    d = np.array([0.50, 0.52, 0.48, 0.51, 0.49, -0.05, -0.06, -0.04, -0.05, -0.055])
+    depth = np.array([20] * 5 + [56] * 5)
+    part = _strat_part(d, depth, "greater", name="x", test="t", effect_name="e",
+                       transform=float, says="plain decays more",
+                       opposite="residual decays more")
+    assert part.p < 0.05 and [q.name for q in part.by_depth] == ["x, depth 20 only",
+                                                                  "x, depth 56 only"]
+    c = _decide("gradient-flow", [part], details=pd.DataFrame(), notes=[])
+    assert c.verdict == "inconclusive"
+    assert c.reason.startswith("the effect reverses between depths")
+    assert "residual decays more at depth 56" in c.reason
+    assert list(c.tests["role"]) == ["claim", "depth", "depth"]
+    # Both depths in the claimed direction: supported.
+    part = _strat_part(np.abs(d), depth, "greater", name="x", test="t", effect_name="e",
+                       transform=float, says="s", opposite="o")
+    assert _decide("gradient-flow", [part], details=pd.DataFrame(), notes=[]).verdict == \
+        "supported"
+
+
+def test_zero_spread_is_no_evidence() -> None:
+    from gradlab.report.claims import _t1, _welch
+
+    assert _t1([0.2, 0.2, 0.2], "greater")[1:] == (1.0, 1.0)
+    assert _welch([1.0, 1.0], [0.0, 0.0])[1:] == (1.0, 1.0)
+    assert _t1([0.2], "greater")[1:] == (1.0, 1.0)
+
+
+def _set_final_loss(run_dir: Path, value: float) -> None:
+    """Every logged loss after step 0 set to ``value`` (so the final loss is exactly it)."""
+    part = run_dir / "metrics" / "part-000001.parquet"
+    df = pq.read_table(part).to_pandas()
+    steps = df.loc[(df["metric"] == "loss") & (df["step"] > 0), "step"].unique()
+    _poison(run_dir, "loss", steps, value)
+
+
+def test_degradation_needs_the_depth_penalty_not_just_a_non_significant_residual(
+        tmp_path: Path) -> None:
+    # A much worse deeper residual net that a noisy two-seed Welch test cannot call worse.
+    make_suite(tmp_path, seeds=(0, 1))
+    finals = {"plain20": (0.01, 0.012), "plain56": (1.0, 1.1), "resnet20": (0.010, 0.011),
+              "resnet56": (0.02, 1.5)}
+    for model, values in finals.items():
+        for seed, v in enumerate(values):
+            _set_final_loss(tmp_path / f"{model}-s{seed}", v)
+    c = _verdicts(tmp_path)["degradation"]
+    parts = c.tests.set_index("part")
+    assert parts.loc["plain56 vs plain20", "p_claimed"] < 0.05
+    assert parts.loc["resnet56 vs resnet20", "p_claimed"] >= 0.05
+    assert parts.loc["depth penalty, plain - residual", "p_claimed"] >= 0.05
+    assert c.verdict == "inconclusive", c.reason
+    assert "depth penalty of plain nets is not shown larger" in c.reason
+
+
+def test_degradation_with_a_diverged_deeper_residual_run(tmp_path: Path) -> None:
+    make_suite(tmp_path)
+    # resnet56 seed 0: its whole final window non-finite (a run that went on with skip).
+    part = tmp_path / "resnet56-s0" / "metrics" / "part-000001.parquet"
+    steps = pq.read_table(part).to_pandas().query("metric == 'loss' and step >= 500")["step"]
+    _poison(tmp_path / "resnet56-s0", "loss", steps.unique(), np.nan)
+    c = _verdicts(tmp_path)["degradation"]
+    assert "resnet56-s0" not in set(c.details["run"])
+    assert any(n.startswith("resnet56-s0: no finite loss") for n in c.notes)
+    assert c.verdict == "inconclusive" and "resnet56-s0 diverged" in c.reason, c.reason
+    # Two such runs leave resnet56 one seed: too few to test at all.
+    _poison(tmp_path / "resnet56-s1", "loss", steps.unique(), np.nan)
+    c = _verdicts(tmp_path)["degradation"]
+    assert c.verdict == "inconclusive"
+    assert c.reason.startswith("too few runs with a finite final loss (resnet56 has 1")
+    # A stopped (failed) deeper residual run that diverged also keeps support away.
+    other = tmp_path / "other"
+    make_suite(other)
+    make_run(other, "resnet56", 7, status="failed",
+             failure={"reason": "non-finite loss at step 120", "step": 120, "layer": None})
+    c = _verdicts(other)["degradation"]
+    assert c.verdict == "inconclusive" and "resnet56-s7 diverged" in c.reason
