@@ -10,8 +10,16 @@ choices that matter for the numbers, and why:
   ratio over its matched layers, and the test runs over those numbers. The pooled (layer, seed)
   Wilcoxon test is still reported, marked *descriptive*, for comparison.
 * **Pairs.** A plainN run is paired with the resnetN run of the same seed (same depth, same data
-  order); pairs from different depths are pooled, so each difference is within a depth. A run
-  that records no seed is never paired (tests over single runs still use it).
+  order), so each difference is within a depth. A run that records no seed is never paired
+  (tests over single runs still use it).
+* **Depths.** Pairs (or runs) of several depths are tested together stratified by depth (depth a
+  fixed effect: the test's variance is the spread within depths, on N - J degrees of freedom),
+  not pooled as if one depth's mean were another's; each depth's own test is listed, and a
+  verdict whose effect is significantly reversed at one depth (Holm over the depths) is
+  ``inconclusive`` with that reason.
+* **One setup.** Runs pooled as seeds or paired must share their training setup
+  (:data:`~gradlab.report.load.SETUP_KEYS`); of several, the one with the most runs is tested
+  and the others are named.
 * **"Final" values** are the mean over the last 10% of logged steps (step 0, the initialization,
   excluded): one noisy batch does not decide a claim.
 * **Tests are one-sided** in the claim's direction; a claim is ``supported`` when its direction is
@@ -22,15 +30,19 @@ choices that matter for the numbers, and why:
   over the parts (a union, which does need it).
 * **Effect sizes** come with the two-sided 95% confidence interval of the model their test
   assumes: Student's t for one-sample tests and depth trends, Welch's for two-sample
-  comparisons. So an interval never disagrees with its test: one that excludes no effect means
-  one-sided p < 0.025, and a p of 0.05 or more means an interval that includes it. (Percentile
-  bootstrap intervals, which earlier versions gave, cover far less than 95% with the 2-6 runs or
-  pairs a claim usually has.) Only the descriptive pooled Wilcoxon median, over hundreds of
-  (layer, seed) values, has a percentile bootstrap interval (10,000 resamples, RNG seed 0).
+  comparisons. An interval that excludes no effect means one-sided p < 0.025, and a p of 0.05 or
+  more means an interval that includes it (between the two, a supported claim's two-sided
+  interval can touch zero). A test over values with no spread at all gives no evidence (p = 1).
+  (Percentile bootstrap intervals, which earlier versions gave, cover far less than 95% with the
+  2-6 runs or pairs a claim usually has.) Only the descriptive pooled Wilcoxon median, over
+  hundreds of (layer, seed) values, has a percentile bootstrap interval (10,000 resamples, RNG
+  seed 0).
 * **Non-finite values** (a step skipped by ``--on-nonfinite skip`` logs its inf/NaN values) are
-  left out of every mean over steps, and each run where that happened is named in the notes.
+  left out of every mean over steps, and each run where that happened is named in the notes (a
+  skipped step's finite values count). Per-layer values that are not finite and positive are
+  left out of log ratios, with a note.
 * **Eligible runs**: status ``completed``, at least ``MIN_LOGGED_STEPS`` logged steps after step
-  0, the metric the claim needs, and a model with at least ``MIN_SEEDS`` seeds. Everything
+  0, the metric the claim needs, and a model with at least ``MIN_SEEDS`` distinct seeds. Everything
   excluded is listed in the claim's notes.
 """
 
@@ -38,6 +50,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -45,7 +58,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from gradlab.report.load import EARLY_FRACTION, LoadedRun, RunSet
+from gradlab.report.load import (
+    EARLY_FRACTION,
+    LoadedRun,
+    RunSet,
+    setup_difference,
+    setup_of,
+)
 
 __all__ = ["CLAIMS", "ALPHA", "MIN_SEEDS", "MIN_LOGGED_STEPS", "ClaimResult", "CLAIM_FUNCTIONS",
            "degradation", "smaller_responses", "near_identity", "gradient_flow",
@@ -226,20 +245,29 @@ _INFO = {
         "ratio deepest/shallowest, 95% CI from the slope's t interval (n - 2 df). Both parts "
         "must be significant (p < 0.05); contradicted if either opposite direction is (Holm "
         "over the two). The pooled Wilcoxon signed-rank test over all matched (layer, seed) "
-        "pairs is shown as descriptive only (layers of one run are not independent)."),
+        "pairs is shown as descriptive only (layers of one run are not independent). "
+        "Where the pairs (or runs) come from several depths, the t-tests are stratified by "
+        "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
+        "also tested alone: a significant reversal at one depth (Holm over the depths) makes "
+        "the verdict inconclusive."),
     "near-identity": (
         "Residual blocks stay close to the identity",
         "residual_ratio < 1 for most blocks; identity_gap of residual blocks is below plain "
         "blocks at matched positions.",
         "He et al. 2015, sec. 3.1 and 4.2",
-        "Final = mean over the last 10% of logged steps. Part 1: per residual run, m = median over "
-        "its blocks of log10(residual_ratio) (m < 0 exactly when most blocks have ratio < 1); "
+        "Final = mean over the last 10% of logged steps. Part 1: per residual run, m = the upper "
+        "median over its blocks of log10(residual_ratio) (the middle value; of an even count "
+        "the upper one: m < 0 exactly when most blocks have ratio < 1); "
         "one-sided one-sample t-test of m < 0 over runs. Effect: 10^mean(m), the typical block's "
         "ratio (95% CI: 10^ of m's t interval). Part 2: for each plainN/resnetN pair of the same "
         "seed, d = mean over matched blocks (same name; identity_gap exists where a block keeps "
         "its shape) of ln(gap_resnet / gap_plain); one-sided t-test of d < 0. Effect: "
         "exp(mean d), 95% CI exp of d's t interval. Both parts must be significant; "
-        "contradicted if either opposite is (Holm over the two)."),
+        "contradicted if either opposite is (Holm over the two). "
+        "Where the pairs (or runs) come from several depths, the t-tests are stratified by "
+        "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
+        "also tested alone: a significant reversal at one depth (Holm over the depths) makes "
+        "the verdict inconclusive."),
     "gradient-flow": (
         "Gradients flow better through residual nets",
         "response_grad_norm decays (or explodes) through depth more in plain nets than in "
@@ -251,7 +279,11 @@ _INFO = {
         "plainN/resnetN pair of the same seed, d = |slope_plain| - |slope_resnet|; one-sided "
         "one-sample t-test of d > 0 over pairs. Effect: mean d (decades per layer) with its t "
         "95% CI. Layers whose values there are not finite and positive are left out (keeping the "
-        "others' ranks). The slopes at init (step 0) and at the final step are listed too."),
+        "others' ranks). The slopes at init (step 0) and at the final step are listed too. "
+        "Where the pairs (or runs) come from several depths, the t-tests are stratified by "
+        "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
+        "also tested alone: a significant reversal at one depth (Holm over the depths) makes "
+        "the verdict inconclusive."),
 }
 
 
@@ -484,6 +516,19 @@ def _select(runs: Iterable[LoadedRun], needs: Sequence[str]) -> _Selection:
         else:
             kept.append(r)
 
+    # One training setup: runs pooled as seeds, or paired, must differ only in model and seed.
+    # Where several setups are present, the one with the most runs is tested (ties: the first
+    # run's) and the others are named.
+    setups = Counter(setup_of(r) for r in kept)
+    if len(setups) > 1:
+        main = max(setups, key=lambda k: (setups[k], -next(
+            i for i, r in enumerate(kept) if setup_of(r) == k)))
+        for r in kept:
+            if setup_of(r) != main:
+                notes.append(f"{r.name} not used: its training setup differs from the "
+                             f"{setups[main]} runs tested ({setup_difference(setup_of(r), main)})")
+        kept = [r for r in kept if setup_of(r) == main]
+
     # Residual nets: one family and shortcut variant (resnet with option A when present), so a
     # comparison never mixes different architectures under one depth.
     res_keys = sorted({(r.family, r.variant) for r in kept if r.residual},
@@ -505,7 +550,9 @@ def _select(runs: Iterable[LoadedRun], needs: Sequence[str]) -> _Selection:
         for r in sorted(rs, key=lambda r: (r.depth, r.seed if r.seed is not None else -1)):
             out.setdefault(r.depth, []).append(r)
         for depth in list(out):
-            if len(out[depth]) < MIN_SEEDS:
+            # Distinct seeds (a run that records none counts as its own).
+            distinct = {r.seed if r.seed is not None else id(r) for r in out[depth]}
+            if len(distinct) < MIN_SEEDS:
                 model = out[depth][0].model
                 seeds = ", ".join(str(r.seed) for r in out[depth])
                 single.append(f"{model}: seed {seeds}")

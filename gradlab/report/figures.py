@@ -11,7 +11,8 @@ Aggregation, stated in every caption:
   ``MAX_POINTS`` equal step ranges (mean per bin); across seeds the line is the mean and the band
   the min-max.
 * Per-layer profiles: the mean over seeds of each layer's value (final = mean over the last 10%
-  of logged steps, as in the claims), band min-max over seeds. These, and the step-0 and
+  of logged steps, as in the claims), band min-max over seeds, over completed runs only (the
+  runs the claims test); curves over steps draw every run. These, and the step-0 and
   last-step profiles, are exact for every run, long or short.
 * Long runs (more than ``MAX_POINTS`` distinct logged steps) are summarised while loading (see
   :mod:`~gradlab.report.load`): model-wide scalars are kept whole and binned here as above;
@@ -201,7 +202,8 @@ def fig_test_error(runs: Sequence[LoadedRun], pal: _Palette, suffix: str) -> Fig
            title=f"Test error at evaluation steps{suffix}")
     ax.legend()
     caption = ("Test error (1 - test accuracy, %) at the evaluation steps, including the final "
-               "step; line: mean over seeds, band: min-max over seeds.")
+               "step; line: mean over seeds, band: min-max over seeds."
+               + _bin_note(runs, "test_accuracy"))
     return ("test_error" + _slug(suffix), caption, _png(fig))
 
 
@@ -410,8 +412,13 @@ def _slug(suffix: str) -> str:
                                                for c in suffix.strip(" ,()").lower())
 
 
-FIGURES = (fig_training, fig_test_error, fig_response_std, fig_near_identity,
-           fig_gradient_flow, fig_norms, fig_ratio_heatmap)
+#: Curves over training steps: every run, whatever its status (a failed run's curve shows
+#: where it failed).
+CURVES = (fig_training, fig_test_error)
+#: Final and per-layer profiles: completed runs only, the runs the claims test.
+PROFILES = (fig_response_std, fig_near_identity, fig_gradient_flow, fig_norms,
+            fig_ratio_heatmap)
+FIGURES = CURVES + PROFILES
 
 
 def make_figures(runset: RunSet) -> list[FigureTuple]:
@@ -422,8 +429,19 @@ def make_figures(runset: RunSet) -> list[FigureTuple]:
     pal = _Palette(models)
     for dataset, runs in groups.items():
         suffix = f" ({dataset})" if len(groups) > 1 else ""
+        done = [r for r in runs if r.status == "completed"]
+        others = len(runs) - len(done)
         for make in FIGURES:
-            fig = make(runs, pal, suffix)
-            if fig is not None:
-                out.append(fig)
+            profile = make in PROFILES
+            fig = make(done if profile else runs, pal, suffix)
+            if fig is None:
+                continue
+            name, caption, png = fig
+            if others and profile:
+                caption += (f" Completed runs only, as in the claims (n counts them): {others} "
+                            "failed or unfinished run(s) not drawn.")
+            elif others:
+                caption += (f" Every run is drawn, including {others} failed or unfinished "
+                            "one(s).")
+            out.append((name, caption, png))
     return out

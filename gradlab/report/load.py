@@ -525,19 +525,42 @@ def load_runs(paths: Iterable[str | Path],
     return RunSet(sorted(runs, key=_order), skipped)
 
 
+#: Configuration that defines an experiment, beyond the model and the seed: runs that differ in
+#: any of these are different experiments (never duplicates, never pooled as seeds). Not here:
+#: where data and outputs live, logging and checkpoint intervals, the device and its fast path
+#: (bf16, channels_last, compile), and what to do on a non-finite value.
+SETUP_KEYS = ("dataset", "steps", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+              "milestones", "lr_decay", "warmup_steps", "warmup_lr", "zero_init_residual",
+              "augment")
+
+
+def setup_of(run: LoadedRun) -> tuple:
+    """The run's training setup (:data:`SETUP_KEYS` present in its config), hashable."""
+    cfg = run.config
+    return tuple((k, repr(cfg[k])) for k in SETUP_KEYS if k in cfg)
+
+
+def setup_difference(a: tuple, b: tuple) -> str:
+    """How two setups differ, e.g. ``lr 0.05 vs 0.1``."""
+    da, db = dict(a), dict(b)
+    keys = [k for k in SETUP_KEYS if da.get(k) != db.get(k)]
+    return ", ".join(f"{k} {da.get(k, 'unset')} vs {db.get(k, 'unset')}" for k in keys)
+
+
 def _drop_duplicates(runs: list[LoadedRun], skipped: list[tuple[str, str]]) -> list[LoadedRun]:
     keyed: dict[tuple, list[LoadedRun]] = {}
     for r in runs:
-        # A run without a seed cannot be told apart from another; it is never a duplicate.
-        key = (r.dataset, r.model, r.seed if r.seed is not None else f"?{r.path}")
+        # A run without a seed cannot be told apart from another; it is never a duplicate. Nor
+        # is a run of another setup (another lr, length, ...): a different experiment.
+        key = (r.dataset, r.model, r.seed if r.seed is not None else f"?{r.path}", setup_of(r))
         keyed.setdefault(key, []).append(r)
     keep = []
-    for (_, model, seed), group in keyed.items():
+    for (_, model, seed, _), group in keyed.items():
         group.sort(key=_status_rank, reverse=True)
         keep.append(group[0])
         for r in group[1:]:
             skipped.append((str(r.path), f"duplicate of {group[0].name} (same model {model}, "
-                                         f"dataset and seed {seed}); counted once"))
+                                         f"dataset, seed {seed} and setup); counted once"))
     return keep
 
 

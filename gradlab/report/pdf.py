@@ -123,10 +123,12 @@ def render_pdf(claims: Sequence[ClaimResult], runset: RunSet,
         _p(title, st["title"]),
         _p(f"Generated {generated} by gradlab {version} from {len(runset.runs)} run(s) on "
            f"{', '.join(runset.datasets)}; {len(runset.skipped)} skipped. alpha = {C.ALPHA}; "
-           "95% CIs are those of each test's own model (Student's t, Welch's t), so they agree "
-           "with the tests; the descriptive pooled medians' are percentile bootstrap intervals "
-           f"({C.N_BOOT:,} resamples, RNG seed {C.BOOT_SEED}). Non-finite values are left out of "
-           "means over steps, and named in the notes.", st["small"]),
+           "95% CIs are those of each test's own model (Student's t, Welch's t): one that "
+           "excludes no effect means a one-sided p below 0.025, a p of 0.05 or more one that "
+           "includes it; the descriptive pooled medians' are percentile bootstrap intervals "
+           f"({C.N_BOOT:,} resamples, RNG seed {C.BOOT_SEED}). Pairs or runs of several depths "
+           "are tested stratified by depth, each depth also alone. Non-finite values are left "
+           "out of means over steps, and named in the notes.", st["small"]),
         _p("Verdicts", st["h1"]),
     ]
     vrows = verdict_rows(claims)

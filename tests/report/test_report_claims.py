@@ -443,7 +443,7 @@ def test_stratified_test_is_the_fixed_effects_linear_model() -> None:
     half = stats.t.ppf(0.975, df) * se
     assert st.ci == pytest.approx((est - half, est + half))
     # Each depth's own test is the one-sample t-test of its values.
-    for lv, n, mean, p, q, ci in st.depths:
+    for lv, n, mean, p, _q, ci in st.depths:
         x = d[depth == lv]
         assert (n, mean) == (len(x), pytest.approx(x.mean()))
         assert p == pytest.approx(stats.ttest_1samp(x, 0, alternative="greater").pvalue)
@@ -534,3 +534,30 @@ def test_degradation_with_a_diverged_deeper_residual_run(tmp_path: Path) -> None
              failure={"reason": "non-finite loss at step 120", "step": 120, "layer": None})
     c = _verdicts(other)["degradation"]
     assert c.verdict == "inconclusive" and "resnet56-s7 diverged" in c.reason
+
+
+def test_runs_of_another_setup_are_neither_duplicates_nor_pooled(tmp_path: Path) -> None:
+    import json
+
+    make_suite(tmp_path)
+    # The same model and seed as resnet20-s0, but another learning rate: another experiment.
+    other = make_run(tmp_path, "resnet20", 0, name="resnet20-s0-lr005")
+    info = json.loads((other / "run.json").read_text())
+    info["config"]["lr"] = 0.05
+    (other / "run.json").write_text(json.dumps(info))
+    rs = load_runs([tmp_path])
+    assert "resnet20-s0-lr005" in {r.name for r in rs.runs} and not rs.skipped
+    got = _verdicts(tmp_path)
+    for c in got.values():
+        assert ("resnet20-s0-lr005 not used: its training setup differs from the 12 runs "
+                "tested (lr 0.05 vs 0.1)") in c.notes, c.id
+        assert "resnet20-s0-lr005" not in c.details.to_string()
+    assert got["degradation"].verdict == "supported"
+    # A true duplicate (same model, seed and setup) is still counted once.
+    make_run(tmp_path, "resnet20", 1, name="resnet20-s1-again")
+    rs = load_runs([tmp_path])
+    assert [why for _, why in rs.skipped if "duplicate" in why] == [
+        "duplicate of resnet20-s1 (same model resnet20, dataset, seed 1 and setup); counted "
+        "once"] or [why for _, why in rs.skipped if "duplicate" in why] == [
+        "duplicate of resnet20-s1-again (same model resnet20, dataset, seed 1 and setup); "
+        "counted once"]

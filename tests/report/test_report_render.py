@@ -150,3 +150,26 @@ def test_long_series_are_binned() -> None:
 
 def test_claim_ids_in_test_fixture_match() -> None:
     assert CLAIM_IDS == CLAIMS
+
+
+def test_profiles_draw_completed_runs_only(tmp_path: Path, monkeypatch) -> None:
+    import gradlab.report.figures as figures
+    from gradlab.report import load_runs
+
+    for s in (0, 1):
+        for m in ("plain20", "resnet20"):
+            make_run(tmp_path, m, s)
+    make_run(tmp_path, "plain20", 2, status="failed",
+             failure={"reason": "non-finite loss at step 40", "step": 40, "layer": None})
+    drawn: dict[str, list[int]] = {}
+    real = figures._draw_profile
+
+    def spy(ax, prof, style, label, n, x=None):
+        drawn.setdefault(label, []).append(n)
+        return real(ax, prof, style, label, n, x)
+
+    monkeypatch.setattr(figures, "_draw_profile", spy)
+    figs = {name: caption for name, caption, _ in figures.make_figures(load_runs([tmp_path]))}
+    assert drawn["plain20"] and set(drawn["plain20"]) == {2}  # not the failed seed 2
+    assert "Completed runs only" in figs["response_std"] and "1 failed" in figs["response_std"]
+    assert "including 1 failed or unfinished" in figs["training_curves"]
