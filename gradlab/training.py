@@ -142,13 +142,21 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 
 # -- writer thread --------------------------------------------------------------------------------
 class _Sink:
-    """Background thread that writes host-side rows to Parquet and TensorBoard."""
+    """Background thread that writes host-side rows to Parquet and TensorBoard.
+
+    A failure is surfaced on the training thread at its next call (:class:`RunError`), and the
+    writer keeps doing what it still can: a TensorBoard failure stops only the event files
+    (Parquet, the run's record, goes on); a failed Parquet part keeps its rows buffered, and
+    every later flush, the run's last one included, tries again to write them. A flush request
+    is always answered, so the training thread never waits on a writer that has failed.
+    """
 
     def __init__(self, writer: MetricWriter, dashboard, flush_seconds: float = 30.0):
         self.writer, self.dashboard = writer, dashboard
         self.flush_seconds = flush_seconds
         self._q: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # Parquet
+        self._tb_error: BaseException | None = None  # TensorBoard (then no more events)
         self._last_flush = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="gradlab-writer", daemon=True)
         self._thread.start()
@@ -160,34 +168,42 @@ class _Sink:
                 if item is None:
                     return
                 kind, payload = item
-                if self._error is not None:
-                    continue
                 if kind == "rows":
                     step, cols = payload
-                    self.writer.add(step, cols)
-                    if self.dashboard is not None:
-                        self.dashboard.log(step, cols)
+                    self.writer.add(step, cols)  # (an append to a list: kept, also after errors)
+                    if self.dashboard is not None and self._tb_error is None:
+                        try:
+                            self.dashboard.log(step, cols)
+                        except BaseException as e:  # noqa: BLE001 - surfaced by _check
+                            self._tb_error = e
                     if time.monotonic() - self._last_flush > self.flush_seconds:
                         self._flush()
                 elif kind == "flush":
                     self._flush()
-                    payload.set()
-            except BaseException as e:  # surfaced on the training thread at the next call
-                self._error = e
-                if item and item[0] == "flush":
-                    item[1].set()
+            except BaseException as e:  # noqa: BLE001 - surfaced on the training thread
+                self._error = self._error or e
             finally:
+                if item is not None and item[0] == "flush":
+                    item[1].set()
                 self._q.task_done()
 
     def _flush(self) -> None:
-        self.writer.flush()
-        if self.dashboard is not None:
-            self.dashboard.flush()
         self._last_flush = time.monotonic()
+        try:
+            self.writer.flush()  # (a failed part keeps its rows for the next try)
+        except BaseException as e:  # noqa: BLE001 - surfaced by _check
+            self._error = self._error or e
+        if self.dashboard is not None and self._tb_error is None:
+            try:
+                self.dashboard.flush()
+            except BaseException as e:  # noqa: BLE001 - surfaced by _check
+                self._tb_error = e
 
     def _check(self) -> None:
         if self._error is not None:
             raise RunError(f"writing metrics failed: {self._error}")
+        if self._tb_error is not None:
+            raise RunError(f"writing TensorBoard events failed: {self._tb_error}")
 
     def put(self, step: int, cols: dict[str, np.ndarray]) -> None:
         self._check()
@@ -613,15 +629,32 @@ def _checkpoint(sink: _Sink, rd: RunDir, tr: Trainer, step: int) -> None:
 
 
 def _finish(sink: _Sink, rd: RunDir, dash, status: str, failure, final, bar, previous) -> None:
-    bar.close()
+    """Write what is buffered, close the writers and record the outcome in run.json: each step
+    is tried whatever an earlier one raised (a run never stays marked running), and the first
+    error is raised at the end; a run that completed but whose last rows could not be written
+    is marked failed."""
+    errors: list[BaseException] = []
     try:
-        sink.flush()
-    finally:
+        bar.close()
+        try:
+            sink.flush()
+        except BaseException as e:  # noqa: BLE001 - raised below, after run.json is updated
+            errors.append(e)
         sink.close()
         if dash is not None:
-            dash.close(final, status=status)
+            try:
+                dash.close(final, status=status)
+            except BaseException as e:  # noqa: BLE001 - as above
+                errors.append(e)
+        if errors and status == "completed":
+            status = "failed"
+            failure = {"reason": f"{type(errors[0]).__name__}: {errors[0]}", "step": None,
+                       "layer": None}
         rd.mark(status, failure=failure, final=final)
+    finally:
         _restore_signal_handlers(previous)
+    if errors:
+        raise errors[0]
 
 
 def _previous_final(rd: RunDir) -> dict[str, float]:

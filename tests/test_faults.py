@@ -663,3 +663,58 @@ def test_a_run_another_process_writes_is_left_alone(args, small_run, tmp_path) -
                     "--batch-size", 8, "--device", "cpu", "--no-tensorboard", "-q",
                     "--out", tmp_path, "--name", "r20", *args)
     assert result.exit_code == 0, result.output
+
+
+# -- writer failures ----------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["parquet", "tensorboard"])
+def test_a_failing_writer_fails_the_run_without_hanging_or_losing_rows(tmp_path, monkeypatch,
+                                                                       where) -> None:
+    """Disk full at the first checkpoint's flush (Parquet), or TensorBoard failing: the run stops
+    with one RunError instead of waiting forever on the writer thread, run.json says failed, and
+    every row logged before the failure is on disk (Parquet retried its part at the end)."""
+    import threading
+
+    import pandas as pd
+
+    from gradlab.dashboard import Dashboard
+    from gradlab.runs import MetricWriter, RunError
+
+    calls = {"n": 0}
+    if where == "parquet":
+        real = MetricWriter.flush
+
+        def flush(self):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(28, "No space left on device")
+            return real(self)
+
+        monkeypatch.setattr(MetricWriter, "flush", flush)
+    else:
+        def log(self, step, cols):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Dashboard, "log", log)
+    cfg = NF.replace(steps=8, every=1, checkpoint_every=4, eval_every=100)
+    out: dict = {}
+
+    def run():
+        try:
+            train(cfg, tmp_path, "w", dashboard=where == "tensorboard")
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "the run hangs on its failed writer"
+    assert isinstance(out.get("error"), RunError), out
+    assert "No space left on device" in str(out["error"])
+    info = json.loads((tmp_path / "w" / "run.json").read_text())
+    assert info["status"] == "failed"
+    # What was handed to the writer before the run noticed (at its next call) is on disk, the
+    # failed part's rows included: written by the run's last flush.
+    steps = sorted(pd.read_parquet(tmp_path / "w" / "metrics")["step"].unique())
+    assert steps and steps == list(range(len(steps)))
+    if where == "parquet":
+        assert calls["n"] >= 2  # the failed part was tried again
