@@ -346,6 +346,14 @@ class Trainer:
             self.probe.attach()  # before compiling, so the compiled graph keeps the hooks
         self.forward = torch.compile(model) if cfg.compile else model
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        # BatchNorm running statistics: a training forward updates them before anything can be
+        # checked, so a step that is skipped (--on-nonfinite skip) puts them back, and so does
+        # diagnose()'s extra forward. (The tensors themselves: loading a checkpoint copies into
+        # them in place.)
+        self._bn_state = [b for m in model.modules()
+                          if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                          for b in m.buffers(recurse=False)]
+        self._keep_bn = cfg.nonfinite == "skip"
 
     def step(self, idx: torch.Tensor, lr: float, logged: bool, *, check: bool | None = None
              ) -> tuple[torch.Tensor, dict[str, np.ndarray] | None, bool]:
@@ -366,6 +374,7 @@ class Trainer:
         if self.cl:
             x = x.contiguous(memory_format=torch.channels_last)
         self._last = (x, y)
+        saved = self._save_bn() if self._keep_bn else None
         for g in self.opt.param_groups:
             g["lr"] = lr
         if self.probe is not None:
@@ -393,7 +402,17 @@ class Trainer:
             bad = False
         if not bad:
             self.opt.step()
+        elif saved is not None:
+            self._load_bn(saved)
         return loss, cols, bad
+
+    def _save_bn(self) -> list[torch.Tensor]:
+        return [b.clone() for b in self._bn_state]
+
+    def _load_bn(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for b, v in zip(self._bn_state, saved, strict=True):
+                b.copy_(v)
 
     def diagnose(self) -> dict[str, np.ndarray] | None:
         """Measure the last batch again with the probe on (weights are unchanged: the failed
@@ -401,14 +420,18 @@ class Trainer:
         if self.probe is None or self._last is None:
             return None
         x, y = self._last
+        saved = self._save_bn()  # (a measurement: it leaves the running statistics as they were)
         self.probe.enabled = True
-        self.opt.zero_grad(set_to_none=True)
-        with _autocast(self.device, self.amp):
-            loss = F.cross_entropy(self.forward(x).float(), y)
-        loss.backward()
-        cols = self.probe.snapshot().extend({"loss": loss.detach()}).to_host()  # sync: failure
-        self.opt.zero_grad(set_to_none=True)
-        self.probe.enabled = False
+        try:
+            self.opt.zero_grad(set_to_none=True)
+            with _autocast(self.device, self.amp):
+                loss = F.cross_entropy(self.forward(x).float(), y)
+            loss.backward()
+            cols = self.probe.snapshot().extend({"loss": loss.detach()}).to_host()  # sync: failure
+        finally:
+            self.opt.zero_grad(set_to_none=True)
+            self.probe.enabled = False
+            self._load_bn(saved)
         return cols
 
 

@@ -718,3 +718,29 @@ def test_a_failing_writer_fails_the_run_without_hanging_or_losing_rows(tmp_path,
     assert steps and steps == list(range(len(steps)))
     if where == "parquet":
         assert calls["n"] >= 2  # the failed part was tried again
+
+
+@pytest.mark.parametrize("where", ["gradient", "output"])
+def test_a_skipped_step_leaves_batchnorm_statistics_and_probed_equals_unprobed(
+        where: str, tmp_path) -> None:
+    """A skipped step (unlogged step 7) changes nothing: not the weights, and not the BatchNorm
+    running statistics its forward updated (an inf conv output would make them NaN and every
+    later evaluation NaN); nor does the probe's extra forward that finds the layer. So a probed
+    and an unprobed run end with the same weights and buffers."""
+    cfg = NF.replace(nonfinite="skip")
+    ends = {}
+    for probe in (True, False):
+        name = f"skip-{where}-{probe}"
+        result = train(cfg, tmp_path, name, dashboard=False, probe=probe,
+                       on_model=inject_inf(7, where))
+        assert result.status == "completed"
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        assert info["skipped_steps"] == [7]
+        ends[probe] = checkpoint(tmp_path / name)["model"]
+        df = load_run(tmp_path / name).metrics
+        test_loss = df[df.metric == "test_loss"]
+        assert np.isfinite(test_loss.value).all(), test_loss
+    assert all(torch.isfinite(v.float()).all() for v in ends[True].values())
+    assert ends[True].keys() == ends[False].keys()
+    for k in ends[True]:
+        assert torch.equal(ends[True][k], ends[False][k]), k
