@@ -35,8 +35,10 @@ def save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Ge
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "generator": gen.get_state(),
+        # (No GPU generator state: gradlab draws no random numbers on a GPU (weights are
+        # initialized on the CPU, data order and augmentation come from CPU generators), and
+        # saving it would start CUDA in a CPU run and tie the file to the number of GPUs.)
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "parts": list(parts),
         "config": cfg.to_dict(),
     }
@@ -83,8 +85,7 @@ def restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        # (A "cuda_rng" entry of an older checkpoint is ignored: see save.)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise RunError(f"checkpoint does not match this run ({str(e).splitlines()[0][:120]})"
                        ) from None

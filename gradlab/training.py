@@ -109,7 +109,10 @@ def fast_path(cfg: TrainConfig, device: torch.device, image_side: int | None = N
     elif cfg.amp == "off":
         amp = False
     elif device.type == "cuda":
-        amp = torch.cuda.is_bf16_supported()
+        # Native bf16 (Ampere, compute capability 8.0, and later) on the chosen GPU itself:
+        # is_bf16_supported() also says yes where bf16 is emulated (T4, V100), without bf16
+        # convolution kernels, and asks the current device, not this one.
+        amp = torch.cuda.get_device_capability(device) >= (8, 0)
     else:
         amp = (device.type == "cpu" and image_side is not None
                and image_side >= CPU_BF16_MIN_SIDE and cpu_native_bf16())

@@ -290,6 +290,41 @@ def test_cpu_auto_amp_rule(monkeypatch, native: bool, side: int | None, want: bo
     assert training.fast_path(cfg.replace(amp="bf16"), torch.device("cpu"), side)[0] is True
 
 
+@pytest.mark.parametrize("capability,want", [((7, 5), False), ((7, 0), False), ((8, 0), True),
+                                             ((9, 0), True)], ids=["T4", "V100", "A100", "H100"])
+def test_cuda_auto_amp_needs_native_bf16_on_the_chosen_gpu(monkeypatch, capability,
+                                                          want: bool) -> None:
+    # Emulated bf16 (before compute capability 8.0) has no bf16 convolutions: float32 there,
+    # decided for the device the run uses (cuda:1 here), not the current one.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    dev = torch.device("cuda", 1)
+    assert training.fast_path(TrainConfig(model="resnet20"), dev, 32) == (want, True)
+    assert asked == [dev]
+
+
+def test_checkpoints_hold_no_gpu_generator_state(tmp_path, monkeypatch) -> None:
+    from gradlab import checkpoint as ckpt
+
+    def no_cuda(*a, **k):
+        raise AssertionError("a checkpoint touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", no_cuda)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / "last.pt"
+    ckpt.save(path, model, opt, gen, 3, [], TrainConfig(model="resnet20"))
+    state = ckpt.load(path)
+    assert "cuda_rng" not in state
+    # An older checkpoint's entry (states of GPUs this machine may not have) is ignored.
+    state["cuda_rng"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    assert ckpt.restore(state, model, opt, gen) == 3
+
+
 def test_trainer_resolves_precision_from_the_data_set(monkeypatch) -> None:
     monkeypatch.setattr(training, "cpu_native_bf16", lambda: True)
     data = load_dataset("synthetic", synthetic_size=32, seed=0)
@@ -390,3 +425,16 @@ def _records(path: Path):
     from tensorboard.compat.proto import event_pb2
 
     return [event_pb2.Event.FromString(r) for r in _raw(path)]
+
+
+@pytest.mark.parametrize("device,non_blocking", [("cuda", True), ("mps", False),
+                                                 ("meta", False)])
+def test_dataset_copies_overlap_only_on_cuda(monkeypatch, device: str,
+                                             non_blocking: bool) -> None:
+    # A non-blocking copy to MPS may read its source after the caller freed it; CUDA stages
+    # a pageable source before returning.
+    data = load_dataset("synthetic", synthetic_size=8, seed=0)
+    seen = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: seen.append(k) or self)
+    data.to(device)
+    assert seen and all(k.get("non_blocking") is non_blocking for k in seen)

@@ -86,13 +86,14 @@ class Dataset:
     def to(self, device: torch.device | str) -> Dataset:
         """Return a copy with every tensor on ``device`` (``self`` is left as it was).
 
-        Host-to-device copies are issued with ``non_blocking=True`` so the four transfers can
-        overlap; later kernels on the same stream are ordered after them, so this is safe.
-        Copies *to* the CPU stay blocking, because the host could otherwise read the tensors
-        before the copy lands.
+        Copies to a CUDA device are issued with ``non_blocking=True`` so the four transfers can
+        overlap; later kernels on the same stream are ordered after them, and CUDA stages a copy
+        from pageable memory before the call returns, so the source may be freed at once. Every
+        other copy blocks: one to the CPU could be read before it lands, and a non-blocking
+        copy to MPS can read its source after the caller has freed it (pytorch#139550).
         """
         device = torch.device(device)
-        non_blocking = device.type != "cpu"
+        non_blocking = device.type == "cuda"
 
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
