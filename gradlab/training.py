@@ -312,6 +312,28 @@ def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
 
 _F32_MAX = torch.finfo(torch.float32).max
 _GRAD_NORM_MAX = math.sqrt(_F32_MAX)
+_FLAG = "_nonfinite_step_"  # rows that carry flags to the host with a logged step's values
+
+
+def nonfinite_flag(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`nonfinite` on the device, without a synchronization: a float32 0-d tensor, 1 where
+    the loss is inf or NaN or a gradient's float32 ``_foreach_norm`` is (inf or NaN: its sum of
+    squares is past float32's range or holds one), else 0. The form the fused optimizers take
+    as ``found_inf``."""
+    bad = ~torch.isfinite(loss.detach().float())
+    grads = [g for p in params if (g := p.grad) is not None]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        bad = bad | ~torch.isfinite(torch.stack(norms).float()).all()
+    return bad.float()
+
+
+def _take_flags(cols: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Split the flag rows (see :func:`nonfinite_flag`) off a logged step's host columns."""
+    metric = cols["metric"]
+    is_flag = np.array([str(m).startswith(_FLAG) for m in metric], dtype=bool)
+    flags = cols["value"][is_flag] != 0  # (NaN counts as set)
+    return flags, {k: v[~is_flag] for k, v in cols.items()}
 
 
 class Trainer:
@@ -357,6 +379,16 @@ class Trainer:
                           if isinstance(m, nn.modules.batchnorm._BatchNorm)
                           for b in m.buffers(recurse=False)]
         self._keep_bn = cfg.nonfinite == "skip"
+        self._buffers_ready = False
+        # On a GPU an unlogged step is checked without waiting for the device: the test runs
+        # there, the fused optimizer takes its outcome as ``found_inf`` and skips the whole
+        # update on the device when it is set, and the outcomes wait for the next logged step's
+        # one synchronization, which reports them in ``late_bad``.
+        self._guard = device.type == "cuda" and bool(self.opt.defaults.get("fused"))
+        self._unchecked: list[torch.Tensor] = []  # a flag per unlogged step since the last logged
+        #: At a logged step: the unlogged steps before it that were non-finite (their updates
+        #: were skipped on the device), as offsets: 1 is the step just before.
+        self.late_bad: list[int] = []
 
     def step(self, idx: torch.Tensor, lr: float, logged: bool, *, check: bool | None = None
              ) -> tuple[torch.Tensor, dict[str, np.ndarray] | None, bool]:
@@ -364,10 +396,13 @@ class Trainer:
 
         Returns the loss (a device tensor), the logged step's host columns (None otherwise) and
         whether the loss or a measurement was non-finite, in which case the update is NOT applied
-        and the caller decides. ``check`` tests the loss and every gradient on every step (free
-        on CPU; on a GPU the test waits for the logged step's one synchronization instead).
+        and the caller decides. ``check`` tests the loss and every gradient on every step on the
+        host (the default on CPU, where it is free). On a CUDA GPU an unlogged step is tested on
+        the device instead: a non-finite one has its update skipped there, and is reported by
+        the next logged step (:attr:`late_bad`), whose synchronization reads the outcome.
         """
         data, dev = self.data, self.device
+        self.late_bad = []  # (this step's report only)
         if check is None:
             check = dev.type == "cpu"
         idx = to_device(idx, dev)
@@ -393,14 +428,38 @@ class Trainer:
             scal = {"loss": loss.detach(), "accuracy": acc}
             pending = (self.probe.snapshot() if self.probe is not None
                        else PendingFrame(torch.zeros(0, device=dev), [], [], []))
+            flags = list(self._unchecked)
+            if self._guard and self.probe is None:  # no gradient norms among the rows
+                flags.append(nonfinite_flag(loss, self._params))
+            if flags:  # (travel in the same copy; taken out of the rows below)
+                pending = pending.extend({f"{_FLAG}{i}": f for i, f in enumerate(flags)})
             cols = pending.extend(scal).to_host()  # sync: the one per logged step
-            bad = bool(_bad_values(cols).any())
+            if flags:
+                seen, cols = _take_flags(cols)
+                n = len(self._unchecked)
+                self.late_bad = [n - i for i in range(n) if seen[i]]
+                own = bool(seen[n]) if len(seen) > n else False
+            else:
+                own = False
+            self._unchecked = []
+            bad = own or bool(_bad_values(cols).any())
             if self.probe is None and check:  # no gradient norms among the rows
                 bad = bad or nonfinite(loss, self._params)
         elif check:
             # A gradient can go non-finite while the loss is finite (an overflow in one layer's
             # backward); applying it would poison the weights and blame a later step.
             bad = nonfinite(loss, self._params)
+        elif self._guard and self._momentum_ready():
+            flag = nonfinite_flag(loss, self._params)
+            self._unchecked.append(flag)
+            self.opt.found_inf = flag  # (read by the fused update: skipped where it is 1)
+            try:
+                self.opt.step()
+            finally:
+                self.opt.found_inf = None
+            if saved is not None:
+                self._load_bn(saved, where=flag)
+            return loss, cols, False
         else:
             bad = False
         if not bad:
@@ -409,13 +468,31 @@ class Trainer:
             self._load_bn(saved)
         return loss, cols, bad
 
+    def _momentum_ready(self) -> bool:
+        """Whether the optimizer may be handed ``found_inf``: torch's fused SGD allocates its
+        momentum buffers uninitialized on the first update and leaves them so when that update
+        is skipped, so the guard waits until every buffer exists (one applied update)."""
+        if self.cfg.momentum == 0 or self._buffers_ready:
+            return True
+        state = self.opt.state
+        self._buffers_ready = all(state.get(p, {}).get("momentum_buffer") is not None
+                                  for p in self._params)
+        return self._buffers_ready
+
     def _save_bn(self) -> list[torch.Tensor]:
         return [b.clone() for b in self._bn_state]
 
-    def _load_bn(self, saved: list[torch.Tensor]) -> None:
+    def _load_bn(self, saved: list[torch.Tensor], where: torch.Tensor | None = None) -> None:
+        """Put back the saved BatchNorm statistics (only where the 0-d ``where`` is non-zero,
+        decided on the device)."""
         with torch.no_grad():
-            for b, v in zip(self._bn_state, saved, strict=True):
-                b.copy_(v)
+            if where is None:
+                for b, v in zip(self._bn_state, saved, strict=True):
+                    b.copy_(v)
+            else:
+                keep = where.bool()
+                for b, v in zip(self._bn_state, saved, strict=True):
+                    b.copy_(torch.where(keep, v, b))
 
     def diagnose(self) -> dict[str, np.ndarray] | None:
         """Measure the last batch again with the probe on (weights are unchanged: the failed
@@ -593,6 +670,20 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
                 logged = step % cfg.every == 0 or step == steps - 1
                 lr = lr_at(cfg, step, steps)
                 loss, cols, bad = tr.step(next(it), lr, logged)
+                if tr.late_bad:
+                    # (GPU) unlogged steps whose test, made on the device, this logged step's
+                    # synchronization has just read: their updates were skipped there.
+                    late = [step - o for o in tr.late_bad]
+                    if cfg.nonfinite != "skip":
+                        if cols is not None:
+                            sink.put(step, cols)
+                        failure = {"reason": f"non-finite loss or gradient at step {late[0]} "
+                                             "(an unlogged step: its update was not applied)",
+                                   "step": late[0], "layer": None}
+                        status = "failed"
+                        break
+                    skipped = sorted(set(skipped) | set(late))
+                    rd.save(skipped_steps=skipped)
                 if bad:
                     if cols is None:  # find the layer: measure this same batch once more
                         cols = tr.diagnose()

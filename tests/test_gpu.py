@@ -55,3 +55,26 @@ def test_bf16_channels_last_metrics_are_finite() -> None:
     _, cols, bad = tr.step(next(batches(data.train_size, 32, seed=0)), 0.1, logged=True)
     assert not bad and cols is not None
     assert {"residual_ratio", "response_std", "grad_norm"} <= set(cols["metric"])
+
+
+def test_non_finite_unlogged_step_is_skipped_on_the_device_without_a_sync() -> None:
+    device = torch.device("cuda")
+    cfg = TrainConfig(model="resnet20", dataset="synthetic", batch_size=32, steps=100)
+    data = load_dataset("synthetic", synthetic_size=256).to(device)
+    tr = Trainer(cfg, data, device, probe=True)
+    assert tr._guard
+    it = batches(data.train_size, 32, seed=0)
+    tr.step(next(it), 0.1, logged=True)
+    poison = {"on": False}
+    tr.model.fc.weight.register_hook(
+        lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
+    tr.step(next(it), 0.1, logged=False)
+    before = [p.detach().clone() for p in tr._params]
+    poison["on"] = True
+    torch.cuda.synchronize()
+    syncs = _sync_warnings(lambda: tr.step(next(it), 0.1, logged=False))
+    poison["on"] = False
+    assert syncs == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, tr._params, strict=True))
+    _, cols, bad = tr.step(next(it), 0.1, logged=True)
+    assert tr.late_bad == [1] and not bad

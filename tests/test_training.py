@@ -438,3 +438,106 @@ def test_dataset_copies_overlap_only_on_cuda(monkeypatch, device: str,
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: seen.append(k) or self)
     data.to(device)
     assert seen and all(k.get("non_blocking") is non_blocking for k in seen)
+
+
+# -- the device-side guard of unlogged steps (CUDA; exercised here on CPU) -------------------------
+def _guarded_trainer(cfg: TrainConfig) -> training.Trainer:
+    """A CPU Trainer taking the GPU's unlogged-step path: the fused SGD (which honours
+    ``found_inf`` on CPU too) and the guard on; steps are run with ``check=False``."""
+    data = load_dataset("digits")
+    tr = training.Trainer(cfg, data, torch.device("cpu"))
+    tr.opt = torch.optim.SGD(tr.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                             weight_decay=cfg.weight_decay, fused=True)
+    tr._params = [p for g in tr.opt.param_groups for p in g["params"]]
+    tr._guard = True
+    return tr
+
+
+@pytest.mark.parametrize("probe", [True, False], ids=["probed", "unprobed"])
+def test_gpu_guard_skips_a_non_finite_unlogged_update_on_the_device(probe: bool) -> None:
+    from test_probe import count_host_calls
+
+    from gradlab.data import batches
+
+    cfg = TrainConfig(model="resnet20", dataset="digits", batch_size=16, steps=10,
+                      nonfinite="skip")
+    tr = _guarded_trainer(cfg)
+    if not probe:
+        tr.probe.detach()
+        tr.probe = None
+    it = batches(tr.data.train_size, 16, seed=0)
+    tr.step(next(it), 0.1, logged=True, check=False)  # step 0: the first update (buffers)
+    assert tr._momentum_ready()
+    w = tr.model.layer2[1].conv1.weight
+    poison = {"on": False}
+    w.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
+
+    def state():
+        return ([p.detach().clone() for p in tr._params]
+                + [tr.opt.state[p]["momentum_buffer"].clone() for p in tr._params]
+                + [b.clone() for b in tr._bn_state])
+
+    tr.step(next(it), 0.1, logged=False, check=False)  # a good unlogged step: applied
+    before = state()
+    poison["on"] = True
+    with count_host_calls() as counts:
+        _, cols, bad = tr.step(next(it), 0.1, logged=False, check=False)
+    counts.pop("to", None)  # (.to of a CPU tensor to the CPU device)
+    assert sum(counts.values()) == 0, dict(counts)  # no host read: the test stays on the device
+    assert cols is None and bad is False
+    after = state()
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), \
+        "the non-finite update (or its BatchNorm statistics) reached the model"
+    poison["on"] = False
+    tr.step(next(it), 0.1, logged=False, check=False)  # good again: applied
+    assert not torch.equal(tr._params[0], before[0])
+    _, cols, bad = tr.step(next(it), 0.1, logged=True, check=False)
+    assert tr.late_bad == [2] and not bad  # the step two before this logged one
+    assert not any(str(m).startswith("_nonfinite") for m in cols["metric"])
+    assert {"loss", "accuracy"} <= set(cols["metric"])
+    tr.step(next(it), 0.1, logged=False, check=False)
+    assert tr.late_bad == []  # a report is for its own step only
+    _, cols, bad = tr.step(next(it), 0.1, logged=True, check=False)
+    assert tr.late_bad == []
+
+
+def test_gpu_guard_in_a_run_stops_or_skips_at_the_next_logged_step(tmp_path, monkeypatch) -> None:
+    real_init, real_step = training.Trainer.__init__, training.Trainer.step
+
+    def init(self, cfg, data, device, **kw):
+        real_init(self, cfg, data, device, **kw)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, fused=True)
+        self._params = [p for g in self.opt.param_groups for p in g["params"]]
+        self._guard = True
+
+    monkeypatch.setattr(training.Trainer, "__init__", init)
+    monkeypatch.setattr(training.Trainer, "step",
+                        lambda self, idx, lr, logged: real_step(self, idx, lr, logged,
+                                                                check=False))
+    count = {"n": 0}
+
+    def on_model(model):
+        def pre(mod, args):
+            if mod.training and torch.is_grad_enabled():
+                count["n"] += 1
+
+        model.register_forward_pre_hook(pre)
+        model.get_submodule("layer2.1.conv1").weight.register_hook(
+            lambda g: torch.full_like(g, float("inf")) if count["n"] == 6 else g)  # step 5
+
+    cfg = TrainConfig(model="resnet20", dataset="digits", steps=12, every=4, batch_size=16,
+                      seed=0, device="cpu", eval_every=100)
+    with pytest.raises(training.NonFiniteError) as e:
+        train(cfg, tmp_path, "stop", dashboard=False, on_model=on_model)
+    assert str(e.value) == ("non-finite loss or gradient at step 5 (an unlogged step: its "
+                            "update was not applied)")
+    info = json.loads((tmp_path / "stop" / "run.json").read_text())
+    assert info["status"] == "failed" and info["failure"]["step"] == 5
+    assert 8 in set(table(tmp_path / "stop").step)  # the logged step that found it is kept
+    count["n"] = 0
+    result = train(cfg.replace(nonfinite="skip"), tmp_path, "skip", dashboard=False,
+                   on_model=on_model)
+    assert result.status == "completed"
+    info = json.loads((tmp_path / "skip" / "run.json").read_text())
+    assert info["skipped_steps"] == [5]
