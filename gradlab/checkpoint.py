@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gradlab.runs import RunError
+from gradlab.runs import RunError, fsync_dir
 
 __all__ = ["save", "load", "restore", "trim_parts", "FORMAT"]
 
@@ -47,6 +47,7 @@ def save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Ge
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def load(path: Path) -> dict[str, Any]:

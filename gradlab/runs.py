@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -52,15 +53,43 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _json_safe(value):
+    """``value`` with every float that is not finite replaced by None: JSON has no NaN or
+    Infinity (Python writes them as bare words other parsers reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename into ``path`` durable (where the system lets a directory be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync it, and rename it into place."""
+    """Write JSON to a temporary file beside ``path``, fsync it, and rename it into place
+    (values that are not finite are written as null)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        json.dump(_json_safe(data), f, indent=2, sort_keys=False, default=str, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def git_commit() -> str | None:
@@ -123,6 +152,7 @@ class MetricWriter:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / name)
+        fsync_dir(self.dir)
         self.index += 1
         self._chunks.clear()
         self.rows_buffered = 0

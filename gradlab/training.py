@@ -660,6 +660,8 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
             mark_t, mark_step = time.perf_counter(), start
             # A resumed run repeats the steps after its checkpoint, skipped ones included.
             skipped: list[int] = [s for s in rd.info.get("skipped_steps", []) if s < start]
+            if skipped != rd.info.get("skipped_steps", []):  # steps past the checkpoint: redone
+                rd.save(skipped_steps=skipped)
             for step in range(start, steps):
                 if stop:
                     # Stopped between steps: save this point too, so that --resume repeats

@@ -251,3 +251,16 @@ def test_parts_from_the_writer_keep_types_of_unusual_values(tmp_path) -> None:
     df = t.to_pandas()
     assert df.step.tolist() == [2**40] * 2 and df.depth.tolist() == [2**31 - 1, -1]
     assert np.isnan(df.value[0]) and df.value[1] == -np.inf
+
+
+def test_run_json_is_strict_json(tmp_path) -> None:
+    """NaN and inf (a final test loss of a diverged run) are written as null: other JSON
+    parsers reject Python's bare NaN."""
+    from gradlab.runs import write_json_atomic
+
+    path = tmp_path / "run.json"
+    write_json_atomic(path, {"final": {"test_loss": float("nan"), "loss": 0.5,
+                                       "x": [float("inf"), 1.0]}})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"final": {"test_loss": None, "loss": 0.5, "x": [None, 1.0]}}
