@@ -598,9 +598,25 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
         if state is not None and state.get("config") != rd.info["config"]:
             raise RunError(f"{last} was written by another run (its config differs from "
                            f"{path}/run.json)")
+        if rd.info.get("status") == "completed":
+            # Nothing left to train: the run stays exactly as it is (metrics, final values,
+            # finish time, event files), with or without its checkpoint, and its data is not
+            # even loaded.
+            done = state["step"] if state is not None else rd.info.get("total_steps")
+            return TrainResult(rd.path, "completed", done if type(done) is int else 0,
+                               _previous_final(rd), 0.0, None, None)
+        if state is not None:  # what resuming would move aside must exist: checked first
+            absent = [p for p in state["parts"] if not (rd.metrics_dir / p).is_file()]
+            if absent:
+                raise RunError(f"{last}: damaged checkpoint (it covers metric parts that "
+                               f"{rd.metrics_dir} does not hold: {', '.join(absent[:3])})")
     elif path.exists() and any(path.iterdir()) and not force:
         raise RunError(f"run directory {path} already exists; use --resume to continue it or "
                        "--force to start it again")
+    elif cfg.data_dir is not None:
+        # Stored absolute: a relative folder would mean another one to a resume started
+        # elsewhere.
+        cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed).to(device)
     # Everything the options can get wrong is found here, before a run directory is created or
     # (with --force) an old one replaced.
@@ -608,12 +624,9 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
     steps = total_steps(cfg, data.train_size)
     if cfg.every > steps:
         raise ConfigError(f"--every {cfg.every} is larger than the run ({steps} steps)")
-    if resume and state is not None and state["step"] >= steps \
-            and rd.info.get("status") == "completed":
-        # Nothing left to train: the run stays exactly as it is (final values, finish time,
-        # event files).
-        return TrainResult(rd.path, "completed", state["step"], _previous_final(rd), 0.0, None,
-                           None)
+    if resume and state is not None and state["step"] > steps:
+        raise RunError(f"{last}: damaged checkpoint (step {state['step']} is past the run's "
+                       f"{steps} steps)")
     tr = Trainer(cfg, data, device, probe=probe)  # resolves the fast path once: tr.amp, tr.cl
     model, opt, gen, prb = tr.model, tr.opt, tr.gen, tr.probe
     start = 0
@@ -744,6 +757,7 @@ def _checkpoint(sink: _Sink, rd: RunDir, tr: Trainer, step: int) -> None:
 
     sink.flush()
     parts = [p.name for p in sorted(rd.metrics_dir.glob("part-*.parquet"))]
+    rd.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # (a user may have removed it)
     ckpt.save(rd.checkpoint_dir / "last.pt", tr.model, tr.opt, tr.gen, step, parts, tr.cfg)
 
 

@@ -537,10 +537,30 @@ def test_resuming_a_completed_run_changes_nothing(small_run, tmp_path) -> None:
     assert snapshot(tmp_path, mtimes=True) == before
 
 
+@pytest.mark.parametrize("gone", ["last.pt", "checkpoints"])
+def test_a_completed_run_without_its_checkpoint_is_left_alone(small_run, tmp_path,
+                                                              gone: str) -> None:
+    # (Users delete checkpoints to save disk.) Completed is completed: nothing retrains, nothing
+    # is set aside, run.json keeps its status.
+    run = tmp_path / "r20"
+    shutil.copytree(small_run, run)
+    if gone == "last.pt":
+        (run / "checkpoints" / "last.pt").unlink()
+    else:
+        shutil.rmtree(run / "checkpoints")
+    before = snapshot(tmp_path, mtimes=True)
+    result = invoke("probe", "--resume", "--out", tmp_path, "--name", "r20", "-q",
+                    "--no-tensorboard")
+    assert result.exit_code == 0, result.output
+    assert snapshot(tmp_path, mtimes=True) == before
+
+
 def test_resuming_without_a_checkpoint_sets_the_parts_aside(small_run, tmp_path) -> None:
     run = tmp_path / "r20"
     shutil.copytree(small_run, run)
-    (run / "checkpoints" / "last.pt").unlink()
+    shutil.rmtree(run / "checkpoints")  # (also without the folder: it is made again)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
     parts = {p.name: p.read_bytes() for p in (run / "metrics").glob("part-*.parquet")}
     assert parts
     result = invoke("probe", "--resume", "--out", tmp_path, "--name", "r20", "-q",

@@ -257,6 +257,45 @@ def test_damaged_checkpoint_is_a_one_line_run_error(damage, base, tmp_path) -> N
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("edit, words", [
+    ({"step": 10**6}, "step 1000000 is past the run's 8 steps"),
+    ({"parts": ["part-000099.parquet"]}, "does not hold: part-000099.parquet"),
+], ids=["step-past-the-end", "parts-not-there"])
+def test_a_checkpoint_that_does_not_fit_its_run_is_refused_untouched(base, tmp_path, edit,
+                                                                    words) -> None:
+    # A damaged checkpoint of an interrupted run: refused before anything is moved aside.
+    import shutil
+
+    from gradlab.runs import RunError
+
+    run = tmp_path / "r"
+    shutil.copytree(base.run_dir, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    torch.save({**state, **edit}, last)
+    before = snapshot(tmp_path, mtimes=True)
+    with pytest.raises(RunError) as e:
+        train(BASE, tmp_path, "r", resume=True, dashboard=False)
+    assert "damaged checkpoint" in str(e.value) and words in str(e.value)
+    assert snapshot(tmp_path, mtimes=True) == before
+
+
+def test_a_relative_data_dir_is_stored_absolute(tmp_path, monkeypatch) -> None:
+    from gradlab.data import cifar10  # noqa: F401 - the reader the run uses
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    real = training.load_dataset
+    monkeypatch.setattr(training, "load_dataset",
+                        lambda name, data_dir=None, **kw: seen.append(data_dir)
+                        or real("digits", None, **kw))
+    train(BASE.replace(steps=2, every=1, data_dir="data"), "runs", "rel", dashboard=False)
+    stored = json.loads((tmp_path / "runs" / "rel" / "run.json").read_text())["config"]
+    assert stored["data_dir"] == str(tmp_path / "data") == seen[0]
+
+
 def test_non_finite_loss_stops_the_run_quietly(tmp_path) -> None:
     import warnings
 
