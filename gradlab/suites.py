@@ -317,7 +317,10 @@ def run_suite(spec: str | Path, *, runs_root: Path = Path("runs"),
     if report and result.interrupted is None and result.signal is None:
         from gradlab.report import build_report
 
-        result.report = build_report([runs_dir], Path(reports_root) / suite.name,
+        # The suite's own runs only: a run left in its folder by an earlier version of the
+        # suite (another model list, other seeds) must not feed its verdicts.
+        result.report = build_report([runs_dir / name for name, _, _ in plan],
+                                     Path(reports_root) / suite.name,
                                      formats=formats, claims=list(suite.claims),
                                      title=f"gradlab report: {suite.name}")
         try:
@@ -352,6 +355,11 @@ def _plan(suite: Suite, runs_dir: Path) -> list[tuple[str, TrainConfig, str]]:
         # Any other state (interrupted, killed while "running", crashed) resumes.
         done = status == "completed" or (status == "failed" and isinstance(failure, dict)
                                          and failure.get("step") is not None)
+        last = path / "checkpoints" / "last.pt"
+        if not done and last.exists():
+            from gradlab import checkpoint as ckpt
+
+            ckpt.load(last)  # a damaged checkpoint: one RunError now, not after other runs
         plan.append((run_name, cfg, "skipped" if done else "resuming"))
     return plan
 

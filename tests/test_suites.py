@@ -183,3 +183,39 @@ def test_run_skips_completed_resumes_interrupted_and_refuses_other_configs(tmp_p
     assert len(lines) == 1 and "another configuration" in lines[0]
     assert "resnet8-s0" in lines[0] and "tiny" in lines[0]
     assert snapshot(runs) == before
+
+
+def test_a_damaged_checkpoint_is_refused_before_any_run_trains(tmp_path) -> None:
+    suite_file = tmp_path / "tiny.toml"
+    suite_file.write_text(GOOD)
+    runs = tmp_path / "runs"
+    configs = dict(load_suite(suite_file).configs())
+    with pytest.raises(Interrupt):
+        train(configs["plain8-s0"], runs / "tiny", "plain8-s0", dashboard=False,
+              on_model=interrupt_at(5))
+    (runs / "tiny" / "plain8-s0" / "checkpoints" / "last.pt").write_bytes(b"junk")
+    before = snapshot(runs)
+    result = invoke("run", suite_file, "--runs", runs, "--no-report", "-q")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "corrupt or unreadable checkpoint" in lines[0]
+    assert "training" not in result.stdout  # resnet8-s0 (planned first) was not started
+    assert snapshot(runs) == before
+
+
+def test_the_report_reads_only_the_suites_own_runs(tmp_path) -> None:
+    # plain8/resnet8 x seeds 0, 1 first; then the suite lists only the plain nets: the residual
+    # runs left in its folder must not feed the report.
+    two = GOOD.replace("seeds = [0]", "seeds = [0, 1]").replace('claims = ["degradation"]',
+                                                               'claims = ["near-identity"]')
+    suite_file = tmp_path / "tiny.toml"
+    suite_file.write_text(two)
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    assert invoke("run", suite_file, "--runs", runs, "--reports", reports, "-q",
+                  "--format", "html").exit_code == 0
+    suite_file.write_text(two.replace('models = ["resnet8", "plain8"]', 'models = ["plain8"]'))
+    result = invoke("run", suite_file, "--runs", runs, "--reports", reports, "-q",
+                    "--format", "html")
+    assert result.exit_code == 0, result.output
+    html = (reports / "tiny" / "report.html").read_text()
+    assert "resnet8-s0" not in html and "plain8-s1" in html
