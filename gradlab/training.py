@@ -653,6 +653,13 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
         from gradlab.dashboard import Dashboard
 
         dash = Dashboard(rd.tb_dir, rd.info, resumed_at=start if resume else None)
+        if resume and start > 0:
+            # The restart marker drops what earlier event files hold from step `start` on; the
+            # evaluation the first session made there (before its checkpoint) is not made
+            # again, so it is written again from the Parquet parts the checkpoint kept.
+            again = _rows_at(rd.metrics_dir, start)
+            if again is not None:
+                dash.log(start, again)
     sink = _Sink(writer, dash)
     ckpt_every = cfg.checkpoint_every or max(cfg.every, min(1000, steps // 4 or 1))
     eval_every = cfg.eval_every or max(1, steps // 10)
@@ -788,6 +795,23 @@ def _finish(sink: _Sink, rd: RunDir, dash, status: str, failure, final, bar, pre
         _restore_signal_handlers(previous)
     if errors:
         raise errors[0]
+
+
+def _rows_at(metrics_dir: Path, step: int) -> dict[str, np.ndarray] | None:
+    """The rows a run's Parquet parts hold at ``step``, as host columns (None: none)."""
+    import pyarrow.dataset as pads
+
+    parts = sorted(metrics_dir.glob("part-*.parquet"))
+    if not parts:
+        return None
+    table = pads.dataset([str(p) for p in parts], format="parquet").to_table(
+        filter=pads.field("step") == step)
+    if table.num_rows == 0:
+        return None
+    return {"layer": np.asarray(table["layer"].to_pylist(), dtype=object),
+            "depth": table["depth"].to_numpy(),
+            "metric": np.asarray(table["metric"].to_pylist(), dtype=object),
+            "value": table["value"].to_numpy()}
 
 
 def _previous_final(rd: RunDir) -> dict[str, float]:

@@ -404,16 +404,20 @@ def _tensorboard(run: Path, loader: str = "server") -> dict[str, list[tuple[int,
     return shown
 
 
-@pytest.mark.parametrize("stop", [7, 2], ids=["after-a-checkpoint", "before-any-checkpoint"])
-def test_a_resumed_runs_dashboard_shows_the_uninterrupted_run(stop: int, tmp_path) -> None:
+@pytest.mark.parametrize("stop, eval_every", [(7, 3), (2, 3), (7, 4)],
+                         ids=["after-a-checkpoint", "before-any-checkpoint",
+                              "evaluated-at-the-checkpoint"])
+def test_a_resumed_runs_dashboard_shows_the_uninterrupted_run(stop: int, eval_every: int,
+                                                              tmp_path) -> None:
     """The resumed session's event file starts with a restart marker at the step it resumes
     from, so TensorBoard drops the points the interrupted session wrote from there on (trained
     again) and shows each step once, as for an uninterrupted run; depth-profile images keep
-    their schedule."""
-    full = train(RESUME, tmp_path / "full", "run").run_dir
+    their schedule. An evaluation made at the checkpoint's step (before it) is shown too."""
+    cfg = RESUME.replace(eval_every=eval_every)
+    full = train(cfg, tmp_path / "full", "run").run_dir
     with pytest.raises(Interrupt):
-        train(RESUME, tmp_path, "run", on_model=interrupt_at(stop))
-    train(RESUME, tmp_path, "run", resume=True)
+        train(cfg, tmp_path, "run", on_model=interrupt_at(stop))
+    train(cfg, tmp_path, "run", resume=True)
     assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 2
     for loader in ("server", "classic"):
         want, got = _tensorboard(full, loader), _tensorboard(tmp_path / "run", loader)
@@ -425,6 +429,7 @@ def test_a_resumed_runs_dashboard_shows_the_uninterrupted_run(stop: int, tmp_pat
                                            rtol=1e-6, err_msg=tag)
         assert [s for s, _ in want["loss"]] == [0, 2, 4, 6, 8]
         assert len(want["images"]) == 5
+        assert [s for s, _ in want["test_loss"]] == ([3, 6, 9] if eval_every == 3 else [4, 8, 9])
 
 
 def test_a_run_without_a_first_session_marker_is_still_purged_on_resume(tmp_path) -> None:
