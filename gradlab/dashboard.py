@@ -995,6 +995,15 @@ def launch(logdir: Path, *, host: str = "127.0.0.1", port: int = 0,
         DashboardError: no runs under ``logdir`` (see :func:`find_logdirs`), or the port is taken.
     """
     find_logdirs(logdir)
+    if not 0 <= int(port) <= 65535:
+        raise DashboardError(f"port {port} is not a TCP port (0-65535; 0: any free one)")
+    import socket
+
+    try:  # (werkzeug reports an address it cannot bind by printing and exiting the process)
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise DashboardError(f"cannot start TensorBoard on {host}:{port}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
     from tensorboard import program
 
     servers: list = []
@@ -1014,6 +1023,9 @@ def launch(logdir: Path, *, host: str = "127.0.0.1", port: int = 0,
         server = tb._make_server()  # launch() hides the server; we need it to stop cleanly
     except program.TensorBoardServerException as e:
         raise DashboardError(f"cannot start TensorBoard: {e.msg}") from None
+    except (OSError, SystemExit) as e:  # (werkzeug: it printed why, then exited)
+        why = f": {e.strerror or e}" if isinstance(e, OSError) else " (see above)"
+        raise DashboardError(f"cannot start TensorBoard on {host}:{port}{why}") from None
     thread = threading.Thread(target=server.serve_forever, name="gradlab-tensorboard",
                               daemon=True)
     thread.start()

@@ -475,3 +475,14 @@ def test_serve_blocks_until_stopped(runs):
 def test_profile_metrics_are_the_documented_ones():
     assert PROFILE_METRICS == ("residual_ratio", "identity_gap", "response_std",
                                "response_grad_norm", "grad_norm")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--port", "70000"], ["port 70000 is not a TCP port"]),
+    (["--port", "-1"], ["port -1 is not a TCP port"]),
+    (["--host", "999.1.1.1", "--port", "0"], ["cannot start TensorBoard on 999.1.1.1"]),
+], ids=["port-too-large", "port-negative", "host-unresolvable"])
+def test_bad_port_or_host_is_one_line_exit_2(runs, args, words) -> None:
+    from helpers import invoke, one_line_error
+
+    one_line_error(invoke("dashboard", runs, *args), *words)
