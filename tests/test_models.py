@@ -288,3 +288,13 @@ def test_zero_init_residual_leaves_plain_nets_as_they_are() -> None:
     x = torch.randn(4, 3, 8, 8)
     F.cross_entropy(zeroed(x), torch.tensor([0, 1, 2, 3])).backward()
     assert zeroed.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_absurd_depths_and_upper_case_names_are_refused_at_once() -> None:
+    from gradlab.models import ModelError, model_info
+
+    with pytest.raises(ModelError, match="depth 99999998 is past the 5000 layers"):
+        model_info("resnet99999998")
+    assert model_info("resnet1202").depth == 1202
+    with pytest.raises(ModelError, match="did you mean resnet20"):
+        model_info("RESNET20")

@@ -65,6 +65,11 @@ def _natural_key(name: str) -> tuple:
     return (m.group(1), int(m.group(2))) if m else (name, 0)
 
 
+#: The deepest network a family name may ask for (a resnet1202 has 1202; a typo like
+#: resnet99999998 would otherwise build for minutes and then run out of memory).
+MAX_DEPTH = 5000
+
+
 def model_info(name: str) -> ModelInfo:
     """Parse and validate ``name``; :class:`ModelError` names the closest matches if unknown."""
     if name in _MODELS:
@@ -79,8 +84,11 @@ def model_info(name: str) -> ModelInfo:
                 f"{name}: depth {depth} is not of the form 6n+2 (n >= 1) that the CIFAR ResNet "
                 f"family needs; nearest: {', '.join(f'{prefix}{d}' for d in near)}"
             )
+        if depth > MAX_DEPTH:
+            raise ModelError(f"{name}: depth {depth} is past the {MAX_DEPTH} layers gradlab "
+                             "builds (He et al. 2015 went to 1202)")
         return ModelInfo(name, prefix, depth, residual)
-    close = difflib.get_close_matches(name or "", list_models(), n=3, cutoff=0.5)
+    close = difflib.get_close_matches((name or "").lower(), list_models(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ModelError(f"unknown model {name!r}{hint} (gradlab models lists them all)")
 
