@@ -313,6 +313,22 @@ def find_runs(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
+def check_part(part: Path, table: pa.Table) -> pa.Table:
+    """``table`` (read from ``part``) if its columns have the metrics schema's types (a string
+    column may be read as a dictionary or be a large string); else a :class:`RunError` naming
+    the part and the column."""
+    for f in table.schema:
+        if f.name not in METRICS_SCHEMA.names:
+            raise RunError(f"{part}: not a gradlab metrics part (column {f.name!r} is not in "
+                           "the schema)")
+        want = METRICS_SCHEMA.field(f.name).type
+        got = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+        if got != want and not (pa.types.is_string(want) and pa.types.is_large_string(got)):
+            raise RunError(f"{part}: not a gradlab metrics part (column {f.name!r} is {got}, "
+                           f"the schema says {want})")
+    return table
+
+
 def read_metrics(path: Path, *, columns: list[str] | None = None,
                  metrics: list[str] | None = None, categorical: bool = False) -> pd.DataFrame:
     """Read a run's metric parts (only ``columns`` / only ``metrics`` when given).
@@ -336,8 +352,8 @@ def read_metrics(path: Path, *, columns: list[str] | None = None,
     tables = []
     for part in parts:
         try:
-            tables.append(pq.read_table(part, columns=cols, filters=filters,
-                                        read_dictionary=dictionary))
+            tables.append(check_part(part, pq.read_table(part, columns=cols, filters=filters,
+                                                         read_dictionary=dictionary)))
         except (OSError, pa.ArrowException) as e:
             raise RunError(f"{part}: unreadable metrics part ({str(e).splitlines()[0]})") from None
     if not tables:

@@ -592,6 +592,15 @@ def _truncate_part(run: Path) -> None:
     part.write_bytes(part.read_bytes()[:200])
 
 
+def _float32_values(run: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    part = sorted((run / "metrics").glob("part-*.parquet"))[-1]
+    t = pq.read_table(part)
+    pq.write_table(t.set_column(4, "value", t["value"].cast(pa.float32())), part)
+
+
 def _schema_2(run: Path) -> None:
     f = run / "run.json"
     f.write_text(json.dumps({**json.loads(f.read_text()), "schema_version": 2}))
@@ -606,6 +615,8 @@ REPORT_BAD = {
                        _truncate_part),
     "other-schema-version": (["{tmp}/runs/r20"], ["no usable runs", "schema_version 2"],
                              _schema_2),
+    "part-of-another-type": (["{tmp}/runs/r20"], ["no usable runs", "part-",
+                                                  "column 'value' is float"], _float32_values),
     "unknown-format": (["{tmp}/runs/r20", "--format", "html,docx"], ["unknown format 'docx'"],
                        None),
     "unknown-claim": (["{tmp}/runs/r20", "--claims", "degredation"],

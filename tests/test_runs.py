@@ -264,3 +264,25 @@ def test_run_json_is_strict_json(tmp_path) -> None:
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"final": {"test_loss": None, "loss": 0.5, "x": [None, 1.0]}}
+
+
+def test_a_part_of_another_column_type_is_a_run_error_naming_it(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gradlab.runs import MetricWriter, RunError
+
+    run = tmp_path / "r"
+    (run / "metrics").mkdir(parents=True)
+    w = MetricWriter(run / "metrics")
+    w.add(0, {"layer": np.array(["", "a"], dtype=object), "depth": np.array([-1, 0], np.int32),
+              "metric": np.array(["loss", "x"], dtype=object), "value": np.array([1.0, 2.0])})
+    part = w.flush()
+    from gradlab.runs import read_metrics
+
+    assert len(read_metrics(run)) == 2
+    t = pq.read_table(part)
+    pq.write_table(t.set_column(4, "value", t["value"].cast(pa.float32())), part)
+    with pytest.raises(RunError, match=r"part-\d+.parquet: not a gradlab metrics part "
+                                       r"\(column 'value' is float, the schema says double\)"):
+        read_metrics(run)

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradlab.runs import RunError
+from gradlab.runs import RunError, check_part
 
 __all__ = ["RunSummary", "scan", "summarise", "tail_of", "empty_rows"]
 
@@ -113,8 +113,9 @@ class _Series:
         with what the caller does not need, instead of copying every column twice.
         """
         try:
-            t = pq.read_table(part, columns=["step", "layer", "metric", "value"],
-                              read_dictionary=["layer", "metric"], use_threads=False)
+            t = check_part(part, pq.read_table(part, columns=["step", "layer", "metric", "value"],
+                                               read_dictionary=["layer", "metric"],
+                                               use_threads=False))
         except (OSError, pa.ArrowException) as e:
             raise RunError(f"{part}: unreadable metrics part ({str(e).splitlines()[0]})") from None
         steps, ids, values = [], [], []
