@@ -274,6 +274,7 @@ def fig_near_identity(runs: Sequence[LoadedRun], pal: _Palette, suffix: str
     for row, metric in enumerate(("residual_ratio", "identity_gap")):
         for col, when in enumerate(("init", "final")):
             ax = axes[row, col]
+            positive = False
             for model, rs in _groups(runs).items():
                 if metric == "residual_ratio" and not rs[0].residual:
                     continue
@@ -286,8 +287,11 @@ def fig_near_identity(runs: Sequence[LoadedRun], pal: _Palette, suffix: str
                 if prof.empty:
                     continue
                 drawn = True
+                positive |= bool((prof["hi"] > 0).any())
                 _draw_profile(ax, prof, pal.style(rs[0]), model, len(rs))
-            ax.set(yscale="log", xlabel="block index (forward order)",
+            # (A panel with no positive value, e.g. zero-init residual blocks at step 0, whose
+            # F(x) is exactly 0, cannot be drawn on a log scale: linear there.)
+            ax.set(yscale="log" if positive else "linear", xlabel="block index (forward order)",
                    ylabel=metric + (" (||F(x)||/||shortcut(x)||)" if row == 0
                                     else " (||H(x)-x||/||x||)"),
                    title=f"{metric} at {'step 0 (init)' if when == 'init' else 'the final step'}")
@@ -300,8 +304,9 @@ def fig_near_identity(runs: Sequence[LoadedRun], pal: _Palette, suffix: str
     caption = ("Top: residual_ratio = mean over samples of ||F(x)|| / ||shortcut(x)|| per "
                "residual block; bottom: identity_gap = mean over samples of ||H(x) - x|| / ||x|| "
                "for blocks that keep their shape (plain and residual), at step 0 (before the "
-               "first update) and at the last logged step; log scale, dotted line at 1. Line: "
-               "mean over seeds, band: min-max over seeds.")
+               "first update) and at the last logged step; log scale (linear for a panel "
+               "with no positive value, such as zero-init blocks at step 0), dotted line at 1. "
+               "Line: mean over seeds, band: min-max over seeds.")
     return ("near_identity" + _slug(suffix), caption, _png(fig))
 
 

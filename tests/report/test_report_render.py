@@ -173,3 +173,26 @@ def test_profiles_draw_completed_runs_only(tmp_path: Path, monkeypatch) -> None:
     assert drawn["plain20"] and set(drawn["plain20"]) == {2}  # not the failed seed 2
     assert "Completed runs only" in figs["response_std"] and "1 failed" in figs["response_std"]
     assert "including 1 failed or unfinished" in figs["training_curves"]
+
+
+def test_zero_init_step_0_ratios_draw_without_a_warning(tmp_path: Path) -> None:
+    import warnings
+
+    import pyarrow.parquet as pq
+
+    import gradlab.report.figures as figures
+    from gradlab.report import load_runs
+
+    for s in (0, 1):
+        for m in ("plain20", "resnet20"):
+            make_run(tmp_path, m, s)
+    for s in (0, 1):  # zero-init: F(x) = 0 in every block at step 0
+        part = tmp_path / f"resnet20-s{s}" / "metrics" / "part-000001.parquet"
+        df = pq.read_table(part).to_pandas()
+        df.loc[(df["metric"] == "residual_ratio") & (df["step"] == 0), "value"] = 0.0
+        pq.write_table(pq.read_table(part).from_pandas(df, schema=pq.read_schema(part),
+                                                       preserve_index=False), part)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figs = {n: c for n, c, _ in figures.make_figures(load_runs([tmp_path]))}
+    assert "linear for a panel with no positive value" in figs["near_identity"]
