@@ -644,33 +644,44 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
         rd = RunDir.create(path, run_info(cfg, data, model, device, steps, tr.amp, tr.cl),
                            force=force)
         lock.acquire(rd.path)
-    if on_model is not None:
-        on_model(model)
+    # From here the run directory says "running": whatever stops the setup below (Ctrl-C before
+    # the run's own signal handler is in place, a dashboard that cannot be written) is recorded.
+    dash = sink = None
+    try:
+        if on_model is not None:
+            on_model(model)
 
-    writer = MetricWriter(rd.metrics_dir)
-    dash = None
-    if dashboard:
-        from gradlab.dashboard import Dashboard
+        writer = MetricWriter(rd.metrics_dir)
+        if dashboard:
+            from gradlab.dashboard import Dashboard
 
-        dash = Dashboard(rd.tb_dir, rd.info, resumed_at=start if resume else None)
-        if resume and start > 0:
-            # The restart marker drops what earlier event files hold from step `start` on; the
-            # evaluation the first session made there (before its checkpoint) is not made
-            # again, so it is written again from the Parquet parts the checkpoint kept.
-            again = _rows_at(rd.metrics_dir, start)
-            if again is not None:
-                dash.log(start, again)
-    sink = _Sink(writer, dash)
-    ckpt_every = cfg.checkpoint_every or max(cfg.every, min(1000, steps // 4 or 1))
-    eval_every = cfg.eval_every or max(1, steps // 10)
-    # A resumed run keeps its last final values until new ones are measured.
-    final: dict[str, float] = _previous_final(rd) if resume else {}
-    failure: dict[str, Any] | None = None
-    status = "completed"
-    t_start = time.perf_counter()
-    done = start
-    previous = _install_signal_handlers(stop)
-    bar = _Progress(progress, steps, start, name)
+            dash = Dashboard(rd.tb_dir, rd.info, resumed_at=start if resume else None)
+            if resume and start > 0:
+                # The restart marker drops what earlier event files hold from step `start` on; the
+                # evaluation the first session made there (before its checkpoint) is not made
+                # again, so it is written again from the Parquet parts the checkpoint kept.
+                again = _rows_at(rd.metrics_dir, start)
+                if again is not None:
+                    dash.log(start, again)
+        sink = _Sink(writer, dash)
+        ckpt_every = cfg.checkpoint_every or max(cfg.every, min(1000, steps // 4 or 1))
+        eval_every = cfg.eval_every or max(1, steps // 10)
+        # A resumed run keeps its last final values until new ones are measured.
+        final: dict[str, float] = _previous_final(rd) if resume else {}
+        failure: dict[str, Any] | None = None
+        status = "completed"
+        t_start = time.perf_counter()
+        done = start
+        bar = _Progress(progress, steps, start, name)
+        previous = _install_signal_handlers(stop)  # (last: nothing after it can fail)
+    except BaseException as e:
+        if sink is not None:
+            sink.close()
+        interrupted = isinstance(e, KeyboardInterrupt)
+        rd.mark("interrupted" if interrupted else "failed",
+                failure=None if interrupted else {"reason": f"{type(e).__name__}: {e}",
+                                                  "step": None, "layer": None})
+        raise
     try:
         with contextlib.ExitStack() as stack:
             if prb is not None:

@@ -775,3 +775,19 @@ def test_a_skipped_step_leaves_batchnorm_statistics_and_probed_equals_unprobed(
     assert ends[True].keys() == ends[False].keys()
     for k in ends[True]:
         assert torch.equal(ends[True][k], ends[False][k]), k
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "interrupted"),
+                                           (RuntimeError, "failed")])
+def test_a_run_stopped_during_its_setup_is_recorded(tmp_path, error, status) -> None:
+    """Ctrl-C in the moment after the run directory is made (before the run's own signal
+    handler is in place), or a failure there: run.json says so instead of "running"."""
+    def boom(model):
+        raise error("stopped during setup")
+
+    with pytest.raises(error):
+        train(NF, tmp_path, "early", dashboard=False, on_model=boom)
+    info = json.loads((tmp_path / "early" / "run.json").read_text())
+    assert info["status"] == status
+    if status == "failed":
+        assert info["failure"]["reason"] == "RuntimeError: stopped during setup"
