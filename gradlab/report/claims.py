@@ -15,7 +15,8 @@ choices that matter for the numbers, and why:
 * **Depths.** Pairs (or runs) of several depths are tested together stratified by depth (depth a
   fixed effect: the test's variance is the spread within depths, on N - J degrees of freedom),
   not pooled as if one depth's mean were another's; each depth's own test is listed, and a
-  verdict whose effect is significantly reversed at one depth (Holm over the depths) is
+  verdict whose effect is significantly reversed at one depth (that depth's own test at
+  ``ALPHA``, uncorrected: the conservative choice, as a reversal only weakens the verdict) is
   ``inconclusive`` with that reason.
 * **One setup.** Runs pooled as seeds or paired must share their training setup
   (:data:`~gradlab.report.load.SETUP_KEYS`); of several, the one with the most runs is tested
@@ -168,11 +169,11 @@ def _strat_part(d: Sequence[float], depth: Sequence[int], alternative: str, *, n
     if len(st.depths) > 1:
         test += f", stratified by depth (t on {st.df:g} df within depths)"
     per = [_Part(name=f"{name}, depth {lv} only", test="one-sample t-test, one-sided",
-                 statistic=float("nan"), p=p, p_opposite=q, effect_name=effect_name,
+                 statistic=t, p=p, p_opposite=q, effect_name=effect_name,
                  effect=transform(mean), ci=(transform(lo), transform(hi)), n=n,
                  says=f"{says} at depth {lv}", opposite=f"{opposite} at depth {lv}",
                  role="depth")
-           for lv, n, mean, p, q, (lo, hi) in st.depths] if len(st.depths) > 1 else []
+           for lv, n, mean, p, q, (lo, hi), t in st.depths] if len(st.depths) > 1 else []
     return _Part(name=name, test=test, statistic=st.t, p=st.p, p_opposite=st.p_opposite,
                  effect_name=effect_name, effect=transform(st.est),
                  ci=(transform(st.ci[0]), transform(st.ci[1])), n=len(d), says=says,
@@ -180,32 +181,30 @@ def _strat_part(d: Sequence[float], depth: Sequence[int], alternative: str, *, n
 
 
 def _depth_split(parts: Iterable[_Part]) -> str:
-    """The depths at which a part's direction (or its opposite) is significant on its own
-    (Holm over the depths, each direction): explains an inconclusive pooled test."""
+    """The depths at which a part's direction (or its opposite) is significant on its own (each
+    at ALPHA): explains an inconclusive pooled test."""
     said = []
     for part in parts:
-        if not part.by_depth:
-            continue
-        for attr, word in (("p", "says"), ("p_opposite", "opposite")):
-            adj = holm([getattr(q, attr) for q in part.by_depth])
-            said += [f"{getattr(q, word)} (p={a:.3g})"
-                     for q, a in zip(part.by_depth, adj, strict=True) if a < ALPHA]
+        for q in part.by_depth:
+            for attr, word in (("p", "says"), ("p_opposite", "opposite")):
+                if getattr(q, attr) < ALPHA:
+                    said.append(f"{getattr(q, word)} (p={getattr(q, attr):.3g})")
     return "; ".join(said)
 
 
 def _reversal(part: _Part, verdict: str) -> str | None:
-    """Why a verdict on a part pooled over depths does not stand: the opposite holds at one
-    of its depths (Holm over the depths), or None."""
-    if not part.by_depth:
-        return None
-    if verdict == "supported":
-        adj, word = holm([q.p_opposite for q in part.by_depth]), "opposite"
-    else:
-        adj, word = holm([q.p for q in part.by_depth]), "says"
-    hits = [(q, a) for q, a in zip(part.by_depth, adj, strict=True) if a < ALPHA]
+    """Why a verdict on a part pooled over depths does not stand: the opposite is significant
+    at one of its depths, or None.
+
+    Each depth is tested at ALPHA without a correction for the number of depths: a reversal
+    found here only keeps the verdict from being general (it becomes inconclusive), so not
+    correcting is the conservative choice.
+    """
+    attr, word = ("p_opposite", "opposite") if verdict == "supported" else ("p", "says")
+    hits = [q for q in part.by_depth if getattr(q, attr) < ALPHA]
     if not hits:
         return None
-    return "; ".join(f"{getattr(q, word)} (p={a:.3g}, Holm over depths)" for q, a in hits)
+    return "; ".join(f"{getattr(q, word)} (p={getattr(q, attr):.3g})" for q in hits)
 
 
 _INFO = {
@@ -248,7 +247,7 @@ _INFO = {
         "pairs is shown as descriptive only (layers of one run are not independent). "
         "Where the pairs (or runs) come from several depths, the t-tests are stratified by "
         "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
-        "also tested alone: a significant reversal at one depth (Holm over the depths) makes "
+        "also tested alone: a reversal significant at one depth (p < 0.05, uncorrected) makes "
         "the verdict inconclusive."),
     "near-identity": (
         "Residual blocks stay close to the identity",
@@ -266,7 +265,7 @@ _INFO = {
         "contradicted if either opposite is (Holm over the two). "
         "Where the pairs (or runs) come from several depths, the t-tests are stratified by "
         "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
-        "also tested alone: a significant reversal at one depth (Holm over the depths) makes "
+        "also tested alone: a reversal significant at one depth (p < 0.05, uncorrected) makes "
         "the verdict inconclusive."),
     "gradient-flow": (
         "Gradients flow better through residual nets",
@@ -282,7 +281,7 @@ _INFO = {
         "others' ranks). The slopes at init (step 0) and at the final step are listed too. "
         "Where the pairs (or runs) come from several depths, the t-tests are stratified by "
         "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
-        "also tested alone: a significant reversal at one depth (Holm over the depths) makes "
+        "also tested alone: a reversal significant at one depth (p < 0.05, uncorrected) makes "
         "the verdict inconclusive."),
 }
 
@@ -414,8 +413,8 @@ class _Strat:
     p_opposite: float
     ci: tuple[float, float]  # two-sided 95%, before any transform
     df: float
-    depths: list[tuple[int, int, float, float, float, tuple[float, float]]]
-    # per depth: (depth, n, mean, p claimed, p opposite, 95% CI)
+    depths: list[tuple[int, int, float, float, float, tuple[float, float], float]]
+    # per depth: (depth, n, mean, p claimed, p opposite, 95% CI, t)
 
 
 def _stratified_t1(d: Sequence[float], depth: Sequence[int], alternative: str) -> _Strat:
@@ -435,7 +434,7 @@ def _stratified_t1(d: Sequence[float], depth: Sequence[int], alternative: str) -
     for lv in levels:
         x = d[depth == lv]
         t_j, p_j, q_j = _t1(x, alternative)
-        per.append((int(lv), len(x), float(x.mean()), p_j, q_j, t_mean_ci(x)))
+        per.append((int(lv), len(x), float(x.mean()), p_j, q_j, t_mean_ci(x), t_j))
     if len(levels) == 1:
         t, p, q = _t1(d, alternative)
         return _Strat(float(d.mean()), t, p, q, t_mean_ci(d), len(d) - 1.0, per)

@@ -443,10 +443,11 @@ def test_stratified_test_is_the_fixed_effects_linear_model() -> None:
     half = stats.t.ppf(0.975, df) * se
     assert st.ci == pytest.approx((est - half, est + half))
     # Each depth's own test is the one-sample t-test of its values.
-    for lv, n, mean, p, _q, ci in st.depths:
+    for lv, n, mean, p, _q, ci, t in st.depths:
         x = d[depth == lv]
+        ref = stats.ttest_1samp(x, 0, alternative="greater")
         assert (n, mean) == (len(x), pytest.approx(x.mean()))
-        assert p == pytest.approx(stats.ttest_1samp(x, 0, alternative="greater").pvalue)
+        assert (t, p) == pytest.approx((ref.statistic, ref.pvalue))
         assert ci == pytest.approx(t_mean_ci(x))
     # One depth: exactly the one-sample t-test.
     one = _stratified_t1(d[:4], depth[:4], "greater")
@@ -471,6 +472,17 @@ def test_an_effect_that_reverses_between_depths_is_not_supported() -> None:
     assert c.reason.startswith("the effect reverses between depths")
     assert "residual decays more at depth 56" in c.reason
     assert list(c.tests["role"]) == ["claim", "depth", "depth"]
+    assert np.isfinite(c.tests["statistic"]).all()
+    # The reversal is judged at alpha for that depth alone (no correction for the number of
+    # depths): uncorrected p = 0.03 at depth 56 is enough to keep the verdict from being general.
+    d56 = np.array([-0.02, -0.005, -0.012, 0.004, -0.01])
+    p56 = stats.ttest_1samp(d56, 0, alternative="less").pvalue
+    assert 0.025 < p56 < 0.05  # significant alone, not after Holm over two depths
+    part = _strat_part(np.r_[d[:5], d56], depth, "greater", name="x", test="t",
+                       effect_name="e", transform=float, says="s", opposite="o")
+    assert part.p < 0.05
+    c = _decide("gradient-flow", [part], details=pd.DataFrame(), notes=[])
+    assert c.verdict == "inconclusive" and f"o at depth 56 (p={p56:.3g})" in c.reason
     # Both depths in the claimed direction: supported.
     part = _strat_part(np.abs(d), depth, "greater", name="x", test="t", effect_name="e",
                        transform=float, says="s", opposite="o")
