@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import (
@@ -136,17 +137,22 @@ def test_unknown_suite_is_one_line_exit_2(spec: str, words: list, tmp_path,
 
 
 # -- gradlab run: skip completed, resume interrupted, refuse another configuration ----------------
-def test_run_skips_completed_resumes_interrupted_and_refuses_other_configs(tmp_path) -> None:
+def _suite_with_one_interrupted(tmp_path: Path, run: str) -> tuple[Path, Path, dict]:
+    """The tiny suite's file, its runs folder and configs, with ``run`` stopped after its
+    checkpoint at step 4 (an Interrupt at step 5)."""
     suite_file = tmp_path / "tiny.toml"
     suite_file.write_text(GOOD)
     runs = tmp_path / "runs"
     configs = dict(load_suite(suite_file).configs())
+    with pytest.raises(Interrupt):
+        train(configs[run], runs / "tiny", run, dashboard=False, on_model=interrupt_at(5))
+    return suite_file, runs, configs
 
+
+def test_run_skips_completed_resumes_interrupted_and_refuses_other_configs(tmp_path) -> None:
     # resnet8-s0 was killed after its checkpoint at step 4: what SIGKILL leaves is a run.json
     # still saying "running" (the real kill is in tests/test_faults.py).
-    with pytest.raises(Interrupt):
-        train(configs["resnet8-s0"], runs / "tiny", "resnet8-s0", dashboard=False,
-              on_model=interrupt_at(5))
+    suite_file, runs, configs = _suite_with_one_interrupted(tmp_path, "resnet8-s0")
     cut = runs / "tiny" / "resnet8-s0"
     info = json.loads((cut / "run.json").read_text())
     info.update(status="running", finished=None, failure=None)
@@ -186,13 +192,7 @@ def test_run_skips_completed_resumes_interrupted_and_refuses_other_configs(tmp_p
 
 
 def test_a_damaged_checkpoint_is_refused_before_any_run_trains(tmp_path) -> None:
-    suite_file = tmp_path / "tiny.toml"
-    suite_file.write_text(GOOD)
-    runs = tmp_path / "runs"
-    configs = dict(load_suite(suite_file).configs())
-    with pytest.raises(Interrupt):
-        train(configs["plain8-s0"], runs / "tiny", "plain8-s0", dashboard=False,
-              on_model=interrupt_at(5))
+    suite_file, runs, _ = _suite_with_one_interrupted(tmp_path, "plain8-s0")
     (runs / "tiny" / "plain8-s0" / "checkpoints" / "last.pt").write_bytes(b"junk")
     before = snapshot(runs)
     result = invoke("run", suite_file, "--runs", runs, "--no-report", "-q")
