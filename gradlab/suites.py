@@ -347,7 +347,7 @@ def _plan(suite: Suite, runs_dir: Path) -> list[tuple[str, TrainConfig, str]]:
             plan.append((run_name, cfg, "training"))
             continue
         info = read_run_json(path)
-        if info.get("config") != cfg.to_dict():
+        if _comparable(info.get("config")) != _comparable(cfg.to_dict()):
             raise SuiteError(f"{path} was trained with another configuration than suite "
                              f"{suite.name!r} asks for; move it away or rename the suite")
         status, failure = info.get("status"), info.get("failure")
@@ -359,9 +359,21 @@ def _plan(suite: Suite, runs_dir: Path) -> list[tuple[str, TrainConfig, str]]:
         if not done and last.exists():
             from gradlab import checkpoint as ckpt
 
-            ckpt.load(last)  # a damaged checkpoint: one RunError now, not after other runs
+            state = ckpt.load(last)  # a damaged checkpoint: one RunError now, not after others
+            absent = [p for p in state["parts"] if not (path / "metrics" / p).is_file()]
+            if absent:
+                raise SuiteError(f"{last}: damaged checkpoint (it covers metric parts that "
+                                 f"{path / 'metrics'} does not hold: {', '.join(absent[:3])})")
         plan.append((run_name, cfg, "skipped" if done else "resuming"))
     return plan
+
+
+def _comparable(config) -> object:
+    """A config as the suite compares it with a run's: ``data_dir`` resolved, as a run stores it
+    (a relative or ``~`` folder in the suite is the same folder)."""
+    if not isinstance(config, dict) or not config.get("data_dir"):
+        return config
+    return {**config, "data_dir": str(Path(config["data_dir"]).expanduser().resolve())}
 
 
 def _empty_leftover(path: Path) -> list[Path]:

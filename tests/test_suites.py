@@ -219,3 +219,17 @@ def test_the_report_reads_only_the_suites_own_runs(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     html = (reports / "tiny" / "report.html").read_text()
     assert "resnet8-s0" not in html and "plain8-s1" in html
+
+
+def test_a_suite_with_a_relative_data_dir_is_run_again(tmp_path, monkeypatch) -> None:
+    # A run stores its data folder absolute; the suite still names it as written: the same.
+    monkeypatch.chdir(tmp_path)
+    suite_file = tmp_path / "tiny.toml"
+    suite_file.write_text(GOOD.replace('dataset = "digits"', 'dataset = "digits"\n'
+                                       'data_dir = "data"'))
+    assert invoke("run", suite_file, "--runs", "runs", "--no-report", "-q").exit_code == 0
+    stored = json.loads((tmp_path / "runs" / "tiny" / "plain8-s0" / "run.json").read_text())
+    assert stored["config"]["data_dir"] == str(tmp_path / "data")
+    result = invoke("run", suite_file, "--runs", "runs", "--no-report", "-q")
+    assert result.exit_code == 0, result.output
+    assert "0 trained, 0 resumed, 2 skipped" in result.stdout

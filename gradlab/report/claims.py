@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -63,6 +62,7 @@ from gradlab.report.load import (
     EARLY_FRACTION,
     LoadedRun,
     RunSet,
+    main_setup,
     setup_difference,
     setup_of,
 )
@@ -518,14 +518,13 @@ def _select(runs: Iterable[LoadedRun], needs: Sequence[str]) -> _Selection:
     # One training setup: runs pooled as seeds, or paired, must differ only in model and seed.
     # Where several setups are present, the one with the most runs is tested (ties: the first
     # run's) and the others are named.
-    setups = Counter(setup_of(r) for r in kept)
-    if len(setups) > 1:
-        main = max(setups, key=lambda k: (setups[k], -next(
-            i for i, r in enumerate(kept) if setup_of(r) == k)))
+    main = main_setup(kept)
+    if any(setup_of(r) != main for r in kept):
+        n_main = sum(setup_of(r) == main for r in kept)
         for r in kept:
             if setup_of(r) != main:
                 notes.append(f"{r.name} not used: its training setup differs from the "
-                             f"{setups[main]} runs tested ({setup_difference(setup_of(r), main)})")
+                             f"{n_main} runs tested ({setup_difference(setup_of(r), main)})")
         kept = [r for r in kept if setup_of(r) == main]
 
     # Residual nets: one family and shortcut variant (resnet with option A when present), so a
@@ -768,7 +767,8 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
     # (Only runs whose loss would have counted against the claim: a diverged deeper residual
     # or shallower plain net. Leaving out a diverged deeper plain net is conservative.)
     against = {sel.residual[hi][0].model, sel.plain[lo][0].model}
-    diverged = [r.name for r in runs if r.model in against and (
+    setup = setup_of(sel.plain[lo][0])  # (runs of another setup are another experiment)
+    diverged = [r.name for r in runs if r.model in against and setup_of(r) == setup and (
         r.name in set(lost["run"]) or r.status == "failed" and r.failure is not None
         and str(r.failure.get("reason", "")).startswith("non-finite"))]
     short = [f"{g[d][0].model} has {n}" for fam, g in (("plain", sel.plain),
@@ -978,7 +978,7 @@ def smaller_responses(runs: Sequence[LoadedRun]) -> ClaimResult:
         reason = (f"the depth trend needs residual nets of two depths with >= {MIN_SEEDS} seeds "
                   f"each; only depth {only}")
         # The matched-layer part can still contradict the claim on its own.
-        if part1.p_opposite < ALPHA:
+        if part1.p_opposite < ALPHA and _reversal(part1, "contradicted") is None:
             return _result(cid, "contradicted", f"{part1.opposite} (p={part1.p_opposite:.3g})",
                            part=part1, parts=parts + [desc] * bool(desc), details=details,
                            notes=notes, p_value=part1.p_opposite)
@@ -1058,7 +1058,7 @@ def near_identity(runs: Sequence[LoadedRun]) -> ClaimResult:
     parts = [part1]
     if not pairs:
         reason = "identity_gap part: " + (_counterpart_reason(sel) or "no plain/residual pairs")
-        if part1.p_opposite < ALPHA:
+        if part1.p_opposite < ALPHA and _reversal(part1, "contradicted") is None:
             return _result(cid, "contradicted", f"{part1.opposite} (p={part1.p_opposite:.3g})",
                            part=part1, parts=parts, details=part1_df, notes=notes,
                            p_value=part1.p_opposite)

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from gradlab.report.claims import is_conv_bn
-from gradlab.report.load import MAX_POINTS, LoadedRun, RunSet
+from gradlab.report.load import MAX_POINTS, LoadedRun, RunSet, main_setup, setup_of
 
 __all__ = ["MAX_POINTS", "HEATMAP_COLUMNS", "DPI", "make_figures", "bin_series"]
 
@@ -434,6 +434,11 @@ def make_figures(runset: RunSet) -> list[FigureTuple]:
     pal = _Palette(models)
     for dataset, runs in groups.items():
         suffix = f" ({dataset})" if len(groups) > 1 else ""
+        # One training setup, as in the claims: a run of another lr or length is another
+        # experiment, not one more seed of its model.
+        setup = main_setup([r for r in runs if r.status == "completed"] or runs)
+        alien = sum(setup_of(r) != setup for r in runs)
+        runs = [r for r in runs if setup_of(r) == setup]
         done = [r for r in runs if r.status == "completed"]
         others = len(runs) - len(done)
         for make in FIGURES:
@@ -448,5 +453,8 @@ def make_figures(runset: RunSet) -> list[FigureTuple]:
             elif others:
                 caption += (f" Every run is drawn, including {others} failed or unfinished "
                             "one(s).")
+            if alien:
+                caption += (f" {alien} run(s) of another training setup (lr, length, ...) not "
+                            "drawn, as in the claims.")
             out.append((name, caption, png))
     return out

@@ -535,9 +535,28 @@ SETUP_KEYS = ("dataset", "steps", "epochs", "batch_size", "lr", "momentum", "wei
 
 
 def setup_of(run: LoadedRun) -> tuple:
-    """The run's training setup (:data:`SETUP_KEYS` present in its config), hashable."""
+    """The run's training setup (:data:`SETUP_KEYS` present in its config), hashable; numbers
+    compared as numbers (lr 1 is lr 1.0)."""
     cfg = run.config
-    return tuple((k, repr(cfg[k])) for k in SETUP_KEYS if k in cfg)
+
+    def norm(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return repr(float(v))
+        if isinstance(v, list):
+            return repr([float(x) if isinstance(x, (int, float)) and not isinstance(x, bool)
+                         else x for x in v])
+        return repr(v)
+
+    return tuple((k, norm(cfg[k])) for k in SETUP_KEYS if k in cfg)
+
+
+def main_setup(runs: Sequence[LoadedRun]) -> tuple | None:
+    """The setup most of ``runs`` share (ties: the first run's); None for no runs."""
+    setups = Counter(setup_of(r) for r in runs)
+    if not setups:
+        return None
+    order = {k: i for i, k in reversed(list(enumerate(setup_of(r) for r in runs)))}
+    return max(setups, key=lambda k: (setups[k], -order[k]))
 
 
 def setup_difference(a: tuple, b: tuple) -> str:

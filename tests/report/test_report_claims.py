@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -565,6 +566,28 @@ def test_runs_of_another_setup_are_neither_duplicates_nor_pooled(tmp_path: Path)
                 "tested (lr 0.05 vs 0.1)") in c.notes, c.id
         assert "resnet20-s0-lr005" not in c.details.to_string()
     assert got["degradation"].verdict == "supported"
+    # A diverged run of that other setup does not keep the tested setup from support.
+    bad = make_run(tmp_path, "resnet56", 9, name="resnet56-s9-lr2", status="failed",
+                   failure={"reason": "non-finite loss at step 40", "step": 40, "layer": None})
+    info = json.loads((bad / "run.json").read_text())
+    info["config"]["lr"] = 2.0
+    (bad / "run.json").write_text(json.dumps(info))
+    assert _verdicts(tmp_path)["degradation"].verdict == "supported"
+    # lr 1 and lr 1.0 are one setup.
+    from gradlab.report.load import setup_of
+
+    runs = {r.name: r for r in load_runs([tmp_path]).runs}
+    a = runs["resnet20-s0"]
+    a.info["config"]["lr"] = 1
+    b = runs["resnet20-s1"]
+    b.info["config"]["lr"] = 1.0
+    assert setup_of(a) == setup_of(b)
+    # Figures leave the other setup out too, and say so.
+    import gradlab.report.figures as figures
+
+    caps = [c for _, c, _ in figures.make_figures(load_runs([tmp_path]))]
+    assert caps and all("2 run(s) of another training setup" in c for c in caps)
+    shutil.rmtree(bad)
     # A true duplicate (same model, seed and setup) is still counted once.
     make_run(tmp_path, "resnet20", 1, name="resnet20-s1-again")
     rs = load_runs([tmp_path])
