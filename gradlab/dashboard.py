@@ -403,8 +403,10 @@ class _EventWriter:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DashboardError(f"cannot create {log_dir}: {e.strerror or e}") from None
+        # (TensorBoard reads a run's files in name order: the counter is zero-padded so that a
+        # process's 10th file of one second does not sort before its 9th.)
         name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                f"{os.getpid()}.{next(_EVENT_FILE_IDS)}")
+                f"{os.getpid()}.{next(_EVENT_FILE_IDS):06d}")
         self.path = log_dir / name
         try:
             self._file = open(self.path, "wb")  # noqa: SIM115 - closed by the thread in close()

@@ -147,11 +147,12 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 class _Sink:
     """Background thread that writes host-side rows to Parquet and TensorBoard.
 
-    A failure is surfaced on the training thread at its next call (:class:`RunError`), and the
-    writer keeps doing what it still can: a TensorBoard failure stops only the event files
-    (Parquet, the run's record, goes on); a failed Parquet part keeps its rows buffered, and
-    every later flush, the run's last one included, tries again to write them. A flush request
-    is always answered, so the training thread never waits on a writer that has failed.
+    A failure is surfaced on the training thread at its next call (:class:`RunError`: the run
+    fails), and the writer keeps doing what it still can until then: after a TensorBoard
+    failure it writes no more events but every Parquet row it was handed; a failed Parquet part
+    keeps its rows buffered, and every later flush, the run's last one included, tries again to
+    write them. A flush request is always answered, so the training thread never waits on a
+    writer that has failed.
     """
 
     def __init__(self, writer: MetricWriter, dashboard, flush_seconds: float = 30.0):
@@ -328,6 +329,14 @@ def nonfinite_flag(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tens
     return bad.float()
 
 
+def _with_flags(pending: PendingFrame, flags: torch.Tensor) -> PendingFrame:
+    """``pending`` with a 1-d tensor of flags appended as rows (see :func:`_take_flags`)."""
+    k, values = flags.numel(), pending.values
+    return PendingFrame(torch.cat((values, flags.to(values.device, values.dtype))),
+                        pending.layers + [""] * k, pending.depths + [-1] * k,
+                        pending.metrics + [f"{_FLAG}{i}" for i in range(k)])
+
+
 def _take_flags(cols: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Split the flag rows (see :func:`nonfinite_flag`) off a logged step's host columns."""
     metric = cols["metric"]
@@ -429,14 +438,14 @@ class Trainer:
             pending = (self.probe.snapshot() if self.probe is not None
                        else PendingFrame(torch.zeros(0, device=dev), [], [], []))
             flags = list(self._unchecked)
+            n = sum(f.numel() for f in flags)
             if self._guard and self.probe is None:  # no gradient norms among the rows
                 flags.append(nonfinite_flag(loss, self._params))
             if flags:  # (travel in the same copy; taken out of the rows below)
-                pending = pending.extend({f"{_FLAG}{i}": f for i, f in enumerate(flags)})
+                pending = _with_flags(pending, torch.cat([f.reshape(-1) for f in flags]))
             cols = pending.extend(scal).to_host()  # sync: the one per logged step
             if flags:
                 seen, cols = _take_flags(cols)
-                n = len(self._unchecked)
                 self.late_bad = [n - i for i in range(n) if seen[i]]
                 own = bool(seen[n]) if len(seen) > n else False
             else:
@@ -449,9 +458,13 @@ class Trainer:
             # A gradient can go non-finite while the loss is finite (an overflow in one layer's
             # backward); applying it would poison the weights and blame a later step.
             bad = nonfinite(loss, self._params)
-        elif self._guard and self._momentum_ready():
+        elif self._guard and not self._momentum_ready():
+            bad = nonfinite(loss, self._params)  # (sync: only until the first applied update)
+        elif self._guard:
             flag = nonfinite_flag(loss, self._params)
             self._unchecked.append(flag)
+            if len(self._unchecked) >= 256:  # (a run that logs rarely: one tensor, not many)
+                self._unchecked = [torch.cat([f.reshape(-1) for f in self._unchecked])]
             self.opt.found_inf = flag  # (read by the fused update: skipped where it is 1)
             try:
                 self.opt.step()
@@ -467,6 +480,23 @@ class Trainer:
         elif saved is not None:
             self._load_bn(saved)
         return loss, cols, bad
+
+    @property
+    def pending(self) -> bool:
+        """(GPU) Whether unlogged steps' device-side checks wait to be read."""
+        return bool(self._unchecked)
+
+    def settle(self) -> list[int]:
+        """(GPU) Read the device-side checks of the unlogged steps since the last read: the
+        non-finite ones (their updates were skipped), as offsets back from the last step run
+        (0: that step). One synchronization: for an evaluation, a checkpoint or a stop, which
+        must not go ahead of a failure."""
+        if not self._unchecked:
+            return []
+        flags = torch.cat([f.reshape(-1) for f in self._unchecked]).cpu().numpy()  # sync: rare
+        self._unchecked = []
+        n = len(flags)
+        return [n - 1 - i for i in range(n) if flags[i] != 0]
 
     def _momentum_ready(self) -> bool:
         """Whether the optimizer may be handed ``found_inf``: torch's fused SGD allocates its
@@ -677,6 +707,10 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
     except BaseException as e:
         if sink is not None:
             sink.close()
+        if dash is not None:
+            with contextlib.suppress(Exception):
+                dash.close({}, status="interrupted" if isinstance(e, KeyboardInterrupt)
+                           else "failed")
         interrupted = isinstance(e, KeyboardInterrupt)
         rd.mark("interrupted" if interrupted else "failed",
                 failure=None if interrupted else {"reason": f"{type(e).__name__}: {e}",
@@ -703,10 +737,16 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
                 logged = step % cfg.every == 0 or step == steps - 1
                 lr = lr_at(cfg, step, steps)
                 loss, cols, bad = tr.step(next(it), lr, logged)
-                if tr.late_bad:
-                    # (GPU) unlogged steps whose test, made on the device, this logged step's
-                    # synchronization has just read: their updates were skipped there.
-                    late = [step - o for o in tr.late_bad]
+                # (GPU) unlogged steps whose check, made on the device, is read now: at a logged
+                # step's synchronization, or before an evaluation, a checkpoint or a stop, none
+                # of which may go ahead of a failure. Their updates were skipped on the device.
+                late = [step - o for o in tr.late_bad]
+                nxt = step + 1
+                if tr.pending and (stop or nxt % eval_every == 0 or nxt % ckpt_every == 0
+                                   or nxt == steps):
+                    late += [step - o for o in tr.settle()]
+                if late:
+                    late.sort()
                     if cfg.nonfinite != "skip":
                         if cols is not None:
                             sink.put(step, cols)
@@ -786,7 +826,10 @@ def _finish(sink: _Sink, rd: RunDir, dash, status: str, failure, final, bar, pre
     is marked failed."""
     errors: list[BaseException] = []
     try:
-        bar.close()
+        try:
+            bar.close()
+        except BaseException as e:  # noqa: BLE001 - raised below, after run.json is updated
+            errors.append(e)
         try:
             sink.flush()
         except BaseException as e:  # noqa: BLE001 - raised below, after run.json is updated

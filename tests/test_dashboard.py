@@ -486,3 +486,18 @@ def test_bad_port_or_host_is_one_line_exit_2(runs, args, words) -> None:
     from helpers import invoke, one_line_error
 
     one_line_error(invoke("dashboard", runs, *args), *words)
+
+
+def test_event_files_of_one_second_sort_in_creation_order(tmp_path, monkeypatch) -> None:
+    import itertools
+
+    import gradlab.dashboard as dashboard
+
+    monkeypatch.setattr(dashboard, "_EVENT_FILE_IDS", itertools.count(8))
+    monkeypatch.setattr(dashboard.time, "time", lambda: 1_700_000_000.0)
+    paths = []
+    for _ in range(4):  # counters 8, 9, 10, 11 within one second
+        w = dashboard._EventWriter(tmp_path, flush_secs=30.0)
+        paths.append(w.path.name)
+        w.close()
+    assert sorted(paths) == paths

@@ -359,8 +359,10 @@ def test_checkpoints_hold_no_gpu_generator_state(tmp_path, monkeypatch) -> None:
     ckpt.save(path, model, opt, gen, 3, [], TrainConfig(model="resnet20"))
     state = ckpt.load(path)
     assert "cuda_rng" not in state
-    # An older checkpoint's entry (states of GPUs this machine may not have) is ignored.
+    # An older checkpoint's entry (states of GPUs this machine may not have) is ignored, also
+    # where CUDA is available (set_rng_state_all would raise).
     state["cuda_rng"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert ckpt.restore(state, model, opt, gen) == 3
 
 
@@ -578,10 +580,29 @@ def test_gpu_guard_in_a_run_stops_or_skips_at_the_next_logged_step(tmp_path, mon
                             "update was not applied)")
     info = json.loads((tmp_path / "stop" / "run.json").read_text())
     assert info["status"] == "failed" and info["failure"]["step"] == 5
-    assert 8 in set(table(tmp_path / "stop").step)  # the logged step that found it is kept
+    # Read before the checkpoint due at step 8 (which must not go past the failure): the last
+    # checkpoint is still that of step 4, and a resume fails again at step 5.
+    assert checkpoint(tmp_path / "stop")["step"] == 4
     count["n"] = 0
     result = train(cfg.replace(nonfinite="skip"), tmp_path, "skip", dashboard=False,
                    on_model=on_model)
     assert result.status == "completed"
     info = json.loads((tmp_path / "skip" / "run.json").read_text())
     assert info["skipped_steps"] == [5]
+
+
+def test_gpu_guard_keeps_many_unread_checks_in_one_tensor_and_settles_them() -> None:
+    from gradlab.data import batches
+
+    cfg = TrainConfig(model="resnet8", dataset="digits", batch_size=8, steps=400)
+    tr = _guarded_trainer(cfg)
+    it = batches(tr.data.train_size, 8, seed=0)
+    tr.step(next(it), 0.05, logged=True, check=False)
+    poison = {"at": 270, "n": 0}
+    tr.model.fc.weight.register_hook(
+        lambda g: torch.full_like(g, float("nan")) if poison["n"] == poison["at"] else g)
+    for i in range(300):
+        poison["n"] = i
+        tr.step(next(it), 0.05, logged=False, check=False)
+    assert len(tr._unchecked) < 64  # folded into one tensor past 256
+    assert tr.pending and tr.settle() == [299 - 270] and not tr.pending
