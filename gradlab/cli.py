@@ -51,7 +51,8 @@ class _OneLineErrors(TyperGroup):
             if type(e).__name__ == "NoArgsIsHelpError" and getattr(e, "ctx", None) is not None:
                 typer.echo(e.ctx.get_help())
                 sys.exit(0)
-            _fail(" ".join(e.format_message().split()))
+            # (typer words a rejected choice "Value error, 'gpu' is not one of ...")
+            _fail(" ".join(e.format_message().replace("Value error, ", "").split()))
         except _input_errors() as e:
             _fail(" ".join(str(e).split()))
         except OSError as e:  # unwritable output folder, full disk, ...

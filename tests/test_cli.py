@@ -229,3 +229,9 @@ def test_non_finite_run_exits_1_with_one_line(tmp_path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gradlab: run failed: non-finite")
     assert json.loads((tmp_path / "nan" / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_rejected_choice_reads_as_one_plain_line() -> None:
+    line = one_line_error(invoke("probe", "--model", "resnet8", "--device", "gpu"),
+                          "--device", "'gpu' is not one of")
+    assert "Value error" not in line
