@@ -296,8 +296,9 @@ def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
 
     One C pass over every gradient where the probe's kernels take them (CPU, one float dtype):
     squares summed in float32 lanes, chunk totals in float64. A lane's partial sum is at most the
-    total, so it overflows only where the total is past the limit anyway. Otherwise one
-    ``_foreach_norm``. This runs on every unlogged CPU step, so it is kept to a few calls.
+    total, so it overflows only where the total is past the limit anyway. Otherwise
+    :func:`nonfinite_flag` (one ``_foreach_norm``), read here. This runs on every unlogged CPU
+    step, so it is kept to a few calls.
     """
     if not math.isfinite(float(loss.detach())):  # sync: CPU only
         return True
@@ -305,9 +306,8 @@ def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
     if not grads:
         return False
     sq = _kernels.sq_list(grads) if loss.is_cpu else None
-    if sq is None:  # (float32 norms come back inf where their squares overflowed; squared on
-        # the host, which has float64 on every backend)
-        sq = torch.stack(torch._foreach_norm(grads)).cpu().double().square()
+    if sq is None:
+        return bool(nonfinite_flag(loss, params))  # sync: the failure path's, or CPU
     return not float(sq.max()) <= _F32_MAX  # (NaN fails the comparison)
 
 
@@ -317,15 +317,16 @@ _FLAG = "_nonfinite_step_"  # rows that carry flags to the host with a logged st
 
 
 def nonfinite_flag(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """:func:`nonfinite` on the device, without a synchronization: a float32 0-d tensor, 1 where
-    the loss is inf or NaN or a gradient's float32 ``_foreach_norm`` is (inf or NaN: its sum of
-    squares is past float32's range or holds one), else 0. The form the fused optimizers take
-    as ``found_inf``."""
+    """:func:`nonfinite`'s rule on the device, without a synchronization: a float32 0-d tensor,
+    1 where the loss is inf or NaN or a gradient's ``_foreach_norm`` is inf, NaN or above
+    sqrt(float32 max) (its sum of squares past float32's range: a float32 or bf16 norm comes back
+    inf then, a float64 one finite but above the bound), else 0. The form the fused optimizers
+    take as ``found_inf``."""
     bad = ~torch.isfinite(loss.detach().float())
     grads = [g for p in params if (g := p.grad) is not None]
     if grads:
-        norms = torch._foreach_norm(grads)
-        bad = bad | ~torch.isfinite(torch.stack(norms).float()).all()
+        norms = torch.stack(torch._foreach_norm(grads)).float()
+        bad = bad | ~(norms <= _GRAD_NORM_MAX).all()  # (NaN fails the comparison)
     return bad.float()
 
 

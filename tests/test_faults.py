@@ -325,7 +325,7 @@ def _grads(dtype: torch.dtype, bad: float | None, where: int, layout: str) -> li
 def test_unlogged_step_check_finds_exactly_the_non_finite(dtype, bad, where, loss,
                                                           layout) -> None:
     from gradlab.probing.fused import kernels as _kernels
-    from gradlab.training import _bad_values, nonfinite
+    from gradlab.training import _bad_values, nonfinite, nonfinite_flag
 
     params = _grads(dtype, bad, where, layout)
     # Reference in float64: inf/NaN anywhere, or a squared norm beyond float32's range.
@@ -337,11 +337,25 @@ def test_unlogged_step_check_finds_exactly_the_non_finite(dtype, bad, where, los
         assert _kernels.load(required=True)
         assert _kernels.sq_list([p.grad for p in params]) is not None
     assert nonfinite(torch.tensor(loss), params) is ref
+    # The device-side form (the GPU's unlogged steps, and the fallback above) says the same.
+    assert bool(nonfinite_flag(torch.tensor(loss), params)) is ref
     # A logged step applies the same rule to its rows (float32 grad_norm, as the probe logs).
     rows = [p.grad.double().square().sum().sqrt().float() for p in params if p.grad is not None]
     cols = {"value": np.array([float(loss), *map(float, rows)]),
             "metric": np.array(["loss"] + ["grad_norm"] * len(rows), dtype=object)}
     assert bool(_bad_values(cols).any()) is ref
+
+
+@pytest.mark.parametrize("scale, want", [(1.0e17, False), (1.2e18, True)])
+def test_float64_gradients_follow_the_same_rule(scale: float, want: bool) -> None:
+    """A float64 gradient's norm of 2e19 is finite in float64 but its square is past float32's
+    range: non-finite by the rule, on the host check and the device-side one alike."""
+    from gradlab.training import nonfinite, nonfinite_flag
+
+    p = torch.nn.Parameter(torch.zeros(288, dtype=torch.float64))
+    p.grad = torch.full_like(p, scale)  # sum of squares 288 x scale^2: 2.9e36 or 4.1e38
+    assert nonfinite(torch.tensor(1.0), [p]) is want
+    assert bool(nonfinite_flag(torch.tensor(1.0), [p])) is want
 
 
 # -- bad input: one line on stderr, exit code 2, nothing changed --------------------------------
