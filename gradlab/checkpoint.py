@@ -78,6 +78,15 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_parts(path: Path, state: dict[str, Any], metrics_dir: Path) -> None:
+    """Refuse (``RunError``) a checkpoint ``path`` whose list of metric parts names one that
+    ``metrics_dir`` does not hold: resuming would set aside every part it does not name."""
+    absent = [p for p in state["parts"] if not (metrics_dir / p).is_file()]
+    if absent:
+        raise RunError(f"{path}: damaged checkpoint (it covers metric parts that {metrics_dir} "
+                       f"does not hold: {', '.join(absent[:3])})")
+
+
 def restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
             gen: torch.Generator) -> int:
     """Load ``state`` into the live objects; returns the step to continue from."""

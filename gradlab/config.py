@@ -9,9 +9,17 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "ConfigError"]
+__all__ = ["TrainConfig", "ConfigError", "stored_dir"]
+
+
+def stored_dir(path: str) -> str:
+    """A folder (``data_dir``) as a run stores it: absolute, ``~`` expanded, links resolved, so
+    that it names the same folder to a resume started anywhere."""
+    return str(Path(path).expanduser().resolve())
+
 
 # Step counters (steps, every, ...) are int64 in the metrics table and in checkpoints.
 _MAX_STEP = 2**63 - 1

@@ -33,7 +33,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a backport
     import tomli as tomllib
 
-from gradlab.config import ConfigError, TrainConfig
+from gradlab.config import ConfigError, TrainConfig, stored_dir
 from gradlab.models import model_info
 
 __all__ = ["Suite", "SuiteError", "load_suite", "bundled_suites", "run_suite", "SuiteResult"]
@@ -359,11 +359,8 @@ def _plan(suite: Suite, runs_dir: Path) -> list[tuple[str, TrainConfig, str]]:
         if not done and last.exists():
             from gradlab import checkpoint as ckpt
 
-            state = ckpt.load(last)  # a damaged checkpoint: one RunError now, not after others
-            absent = [p for p in state["parts"] if not (path / "metrics" / p).is_file()]
-            if absent:
-                raise SuiteError(f"{last}: damaged checkpoint (it covers metric parts that "
-                                 f"{path / 'metrics'} does not hold: {', '.join(absent[:3])})")
+            # A damaged checkpoint: one RunError now, not after other runs have trained.
+            ckpt.check_parts(last, ckpt.load(last), path / "metrics")
         plan.append((run_name, cfg, "skipped" if done else "resuming"))
     return plan
 
@@ -373,7 +370,7 @@ def _comparable(config) -> object:
     (a relative or ``~`` folder in the suite is the same folder)."""
     if not isinstance(config, dict) or not config.get("data_dir"):
         return config
-    return {**config, "data_dir": str(Path(config["data_dir"]).expanduser().resolve())}
+    return {**config, "data_dir": stored_dir(config["data_dir"])}
 
 
 def _empty_leftover(path: Path) -> list[Path]:

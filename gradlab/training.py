@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradlab.config import ConfigError, TrainConfig
+from gradlab.config import ConfigError, TrainConfig, stored_dir
 from gradlab.data import Dataset, augment, batches, load_dataset, steps_per_epoch, to_device
 from gradlab.models import create_model, model_info
 from gradlab.probing import PendingFrame, Probe
@@ -637,17 +637,14 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
             return TrainResult(rd.path, "completed", done if type(done) is int else 0,
                                _previous_final(rd), 0.0, None, None)
         if state is not None:  # what resuming would move aside must exist: checked first
-            absent = [p for p in state["parts"] if not (rd.metrics_dir / p).is_file()]
-            if absent:
-                raise RunError(f"{last}: damaged checkpoint (it covers metric parts that "
-                               f"{rd.metrics_dir} does not hold: {', '.join(absent[:3])})")
+            ckpt.check_parts(last, state, rd.metrics_dir)
     elif path.exists() and any(path.iterdir()) and not force:
         raise RunError(f"run directory {path} already exists; use --resume to continue it or "
                        "--force to start it again")
     elif cfg.data_dir is not None:
         # Stored absolute: a relative folder would mean another one to a resume started
         # elsewhere.
-        cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
+        cfg = cfg.replace(data_dir=stored_dir(cfg.data_dir))
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed).to(device)
     # Everything the options can get wrong is found here, before a run directory is created or
     # (with --force) an old one replaced.
