@@ -330,7 +330,8 @@ def check_part(part: Path, table: pa.Table) -> pa.Table:
 
 
 def read_metrics(path: Path, *, columns: list[str] | None = None,
-                 metrics: list[str] | None = None, categorical: bool = False) -> pd.DataFrame:
+                 metrics: list[str] | None = None, steps: list[int] | None = None,
+                 categorical: bool = False) -> pd.DataFrame:
     """Read a run's metric parts (only ``columns`` / only ``metrics`` when given).
 
     Reads part by part so a damaged part is named in the error rather than failing the dataset.
@@ -340,6 +341,7 @@ def read_metrics(path: Path, *, columns: list[str] | None = None,
         path: the run directory.
         columns: the columns to read (default: all five).
         metrics: the metric names to read (filtered while reading); default all.
+        steps: the steps to read (filtered while reading); default all.
         categorical: read ``layer`` and ``metric`` as pandas categoricals straight from the
             Parquet dictionaries (no Python string per row: far less memory and time on long
             runs); the default keeps plain strings, as ``pandas.read_parquet`` gives them.
@@ -347,12 +349,14 @@ def read_metrics(path: Path, *, columns: list[str] | None = None,
     mdir = Path(path) / "metrics"
     parts = sorted(mdir.glob("part-*.parquet")) if mdir.is_dir() else []
     cols = columns or METRICS_SCHEMA.names
-    filters = [("metric", "in", list(metrics))] if metrics else None
+    filters = ([("metric", "in", list(metrics))] if metrics else []) + \
+        ([("step", "in", list(steps))] if steps is not None else [])
     dictionary = [c for c in ("layer", "metric") if c in cols] if categorical else None
     tables = []
     for part in parts:
         try:
-            tables.append(check_part(part, pq.read_table(part, columns=cols, filters=filters,
+            tables.append(check_part(part, pq.read_table(part, columns=cols,
+                                                         filters=filters or None,
                                                          read_dictionary=dictionary)))
         except (OSError, pa.ArrowException) as e:
             raise RunError(f"{part}: unreadable metrics part ({str(e).splitlines()[0]})") from None

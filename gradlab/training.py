@@ -30,7 +30,15 @@ from gradlab.data import Dataset, augment, batches, load_dataset, steps_per_epoc
 from gradlab.models import create_model, model_info
 from gradlab.probing import PendingFrame, Probe
 from gradlab.probing.fused import kernels as _kernels
-from gradlab.runs import MetricWriter, RunDir, RunError, RunLock, git_commit, versions
+from gradlab.runs import (
+    MetricWriter,
+    RunDir,
+    RunError,
+    RunLock,
+    git_commit,
+    read_metrics,
+    versions,
+)
 
 __all__ = ["train", "TrainResult", "resolve_device", "lr_at", "total_steps", "NonFiniteError",
            "nonfinite"]
@@ -688,7 +696,7 @@ def _train(lock: RunLock, cfg: TrainConfig, out: str | Path, name: str | None, *
                 # The restart marker drops what earlier event files hold from step `start` on; the
                 # evaluation the first session made there (before its checkpoint) is not made
                 # again, so it is written again from the Parquet parts the checkpoint kept.
-                again = _rows_at(rd.metrics_dir, start)
+                again = _rows_at(rd.path, start)
                 if again is not None:
                     dash.log(start, again)
         sink = _Sink(writer, dash)
@@ -849,21 +857,13 @@ def _finish(sink: _Sink, rd: RunDir, dash, status: str, failure, final, bar, pre
         raise errors[0]
 
 
-def _rows_at(metrics_dir: Path, step: int) -> dict[str, np.ndarray] | None:
+def _rows_at(run_dir: Path, step: int) -> dict[str, np.ndarray] | None:
     """The rows a run's Parquet parts hold at ``step``, as host columns (None: none)."""
-    import pyarrow.dataset as pads
-
-    parts = sorted(metrics_dir.glob("part-*.parquet"))
-    if not parts:
+    df = read_metrics(run_dir, steps=[step])
+    if df.empty:
         return None
-    table = pads.dataset([str(p) for p in parts], format="parquet").to_table(
-        filter=pads.field("step") == step)
-    if table.num_rows == 0:
-        return None
-    return {"layer": np.asarray(table["layer"].to_pylist(), dtype=object),
-            "depth": table["depth"].to_numpy(),
-            "metric": np.asarray(table["metric"].to_pylist(), dtype=object),
-            "value": table["value"].to_numpy()}
+    return {"layer": df["layer"].to_numpy(dtype=object), "depth": df["depth"].to_numpy(),
+            "metric": df["metric"].to_numpy(dtype=object), "value": df["value"].to_numpy()}
 
 
 def _previous_final(rd: RunDir) -> dict[str, float]:
