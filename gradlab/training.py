@@ -338,6 +338,11 @@ def nonfinite_flag(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tens
     return bad.float()
 
 
+def _cat_flags(flags: list[torch.Tensor]) -> torch.Tensor:
+    """Flags kept one per step (0-d) or folded (1-d), as one 1-d tensor in step order."""
+    return torch.cat([f.reshape(-1) for f in flags])
+
+
 def _with_flags(pending: PendingFrame, flags: torch.Tensor) -> PendingFrame:
     """``pending`` with a 1-d tensor of flags appended as rows (see :func:`_take_flags`)."""
     k, values = flags.numel(), pending.values
@@ -451,7 +456,7 @@ class Trainer:
             if self._guard and self.probe is None:  # no gradient norms among the rows
                 flags.append(nonfinite_flag(loss, self._params))
             if flags:  # (travel in the same copy; taken out of the rows below)
-                pending = _with_flags(pending, torch.cat([f.reshape(-1) for f in flags]))
+                pending = _with_flags(pending, _cat_flags(flags))
             cols = pending.extend(scal).to_host()  # sync: the one per logged step
             if flags:
                 seen, cols = _take_flags(cols)
@@ -473,7 +478,7 @@ class Trainer:
             flag = nonfinite_flag(loss, self._params)
             self._unchecked.append(flag)
             if len(self._unchecked) >= 256:  # (a run that logs rarely: one tensor, not many)
-                self._unchecked = [torch.cat([f.reshape(-1) for f in self._unchecked])]
+                self._unchecked = [_cat_flags(self._unchecked)]
             self.opt.found_inf = flag  # (read by the fused update: skipped where it is 1)
             try:
                 self.opt.step()
@@ -502,7 +507,7 @@ class Trainer:
         must not go ahead of a failure."""
         if not self._unchecked:
             return []
-        flags = torch.cat([f.reshape(-1) for f in self._unchecked]).cpu().numpy()  # sync: rare
+        flags = _cat_flags(self._unchecked).cpu().numpy()  # sync: rare
         self._unchecked = []
         n = len(flags)
         return [n - 1 - i for i in range(n) if flags[i] != 0]
