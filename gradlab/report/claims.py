@@ -759,8 +759,9 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
     # A run whose whole final window is non-finite has no final loss: it cannot enter a test of
     # mean loss, and leaving it out silently would favour its model. Such runs, and those that
     # stopped on a non-finite value, are named, and the claim cannot be supported with them.
-    lost = details[~np.isfinite(details["final_loss"])]
-    for name in lost["run"]:
+    lost_runs = details.loc[~np.isfinite(details["final_loss"]), "run"]
+    lost = set(lost_runs)
+    for name in lost_runs:
         notes.append(f"{name}: no finite loss in its last 10% of logged steps; left out of the "
                      "tests")
     details = details[np.isfinite(details["final_loss"])]
@@ -769,7 +770,7 @@ def degradation(runs: Sequence[LoadedRun]) -> ClaimResult:
     against = {sel.residual[hi][0].model, sel.plain[lo][0].model}
     setup = setup_of(sel.plain[lo][0])  # (runs of another setup are another experiment)
     diverged = [r.name for r in runs if r.model in against and setup_of(r) == setup and (
-        r.name in set(lost["run"]) or r.status == "failed" and r.failure is not None
+        r.name in lost or r.status == "failed" and r.failure is not None
         and str(r.failure.get("reason", "")).startswith("non-finite"))]
     short = [f"{g[d][0].model} has {n}" for fam, g in (("plain", sel.plain),
                                                           ("residual", sel.residual))
