@@ -552,11 +552,8 @@ def setup_of(run: LoadedRun) -> tuple:
 
 def main_setup(runs: Sequence[LoadedRun]) -> tuple | None:
     """The setup most of ``runs`` share (ties: the first run's); None for no runs."""
-    setups = Counter(setup_of(r) for r in runs)
-    if not setups:
-        return None
-    order = {k: i for i, k in reversed(list(enumerate(setup_of(r) for r in runs)))}
-    return max(setups, key=lambda k: (setups[k], -order[k]))
+    setups = Counter(setup_of(r) for r in runs)  # (in first-seen order: max keeps the first)
+    return max(setups, key=setups.__getitem__) if setups else None
 
 
 def setup_difference(a: tuple, b: tuple) -> str:
