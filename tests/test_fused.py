@@ -286,14 +286,22 @@ def test_block_inputs_come_from_the_previous_pass_and_in_place_edits_are_seen(ba
 
     monkeypatch.setattr(fused.SumTable, "sq", sq)
     monkeypatch.setattr(fused.SumTable, "run2", run2)
+    fused.kernels.load()
+    real_grad_sq = fused.kernels.grad_sq
+    if real_grad_sq is not None:  # the gradient hooks, in C where the extension exists
+        def grad_sq(*args):
+            calls.append("grad")
+            return real_grad_sq(*args)
+        monkeypatch.setattr(fused.kernels, "grad_sq", grad_sq)
     x, y = batch
     torch.manual_seed(0)
     model = create_model("resnet20", in_channels=1, num_classes=10).train()
     got, *_ = captured_run(model, x, y, fused=True)
     # 9 blocks, one addrelu pass each; a pass over s only for the first block of each stage
-    # (the stem's output, then two option-A shortcuts).
-    # (The other "sq" calls: the gradients of 19 BatchNorms and of the final Linear.)
-    assert calls.count("addrelu") == 9 and calls.count("sq") == 20 + 3
+    # (the stem's output, then two option-A shortcuts); the gradients of 19 BatchNorms and of
+    # the final Linear, each by the C hook (or by "sq" without the extension).
+    grads = calls.count("grad") if real_grad_sq is not None else calls.count("sq") - 3
+    assert calls.count("addrelu") == 9 and calls.count("sq") == 3 + 20 - grads and grads == 20
 
     class Scaled(nn.Module):
         """Two gradlab blocks with an in-place scaling of the first one's output between."""
@@ -491,6 +499,59 @@ def test_extension_entry_matches_ctypes_and_checks_layouts_itself() -> None:
     assert st.run2("pair", torch._neg_view(x), x) is None  # DLPack would drop the sign bit
     sums = st.filled()
     torch.testing.assert_close(sums[:, 1], reference("sq", x, None)[0], rtol=2e-6, atol=0)
+
+
+@pytest.mark.skipif(not fused._python_flags(), reason="no Python headers: ctypes only")
+def test_gradient_hook_in_c_matches_the_python_hook_and_hands_it_the_rest(batch,
+                                                                         monkeypatch) -> None:
+    """kernels.grad_sq, the probe's gradient hook in C, records exactly what the Python hook
+    does (the same kernel: equal to the bit), and hands every case it does not take to it."""
+    assert kernels.load(required=True) and kernels.grad_sq is not None
+    x, y = batch
+
+    def grad_norms():
+        torch.manual_seed(0)
+        model = create_model("resnet20", in_channels=1, num_classes=10).train()
+        got = captured_run(model, x, y, fused=True)[0]
+        return got.xs("response_grad_norm", level="metric")
+
+    in_c = grad_norms()
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "grad_sq", None)  # the probe's Python hooks
+        in_python = grad_norms()
+    assert len(in_c) == 20 and in_c.equals(in_python)
+
+    hook = kernels.grad_sq
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(4, 8, 6, 6, generator=g).bfloat16()
+    handed = []
+    key = ("layer1.0.bn1", "response_grad_norm")
+    st = SumTable()
+    assert st.take(4, 1) == 0
+    cols, store = {}, {key: "an eager value"}
+    assert hook(st, cols, store, key, handed.append, (t,)) is None
+    assert cols == {key: (1,)} and store == {} and st.used == 2 and handed == []
+    torch.testing.assert_close(st.table[:, 1], reference("sq", t, None)[0].double(),
+                               rtol=2e-6, atol=0)
+    assert hook(st, cols, store, key, handed.append, (None,)) is None  # no gradient: nothing
+    for why, grads in {"strided": (t[:, ::2],), "another batch size": (t[:2],),
+                       "float64": (t.double(),), "not a tuple": [t], "empty": ()}.items():
+        handed.clear()
+        assert hook(st, cols, store, key, handed.append, grads) is None, why
+        assert handed == [grads] and st.used == 2, why
+    st.used = st._cap  # a full table: the Python hook grows it
+    handed.clear()
+    hook(st, cols, store, key, handed.append, (t,))
+    assert handed == [(t,)] and cols == {key: (1,)}
+
+    def failing(grads):
+        raise RuntimeError("from the Python hook")
+    with pytest.raises(RuntimeError, match="from the Python hook"):
+        hook(st, cols, store, key, failing, (t[:, ::2],))
+    with pytest.raises(TypeError):
+        hook(st, [], store, key, failing, (t,))  # cols must be a dict
+    with pytest.raises(TypeError):
+        hook(st, cols, store, key, (t,))
 
 
 def test_library_without_python_headers_is_plain_and_gives_the_same_sums(tmp_path,

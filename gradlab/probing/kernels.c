@@ -21,7 +21,9 @@
  * extension module whose one function, run(), takes tensors as DLPack capsules and checks their
  * layout itself: the probe's hooks then make two C calls per kernel instead of a dozen tensor
  * attribute reads and a ctypes call, which matters because hooks run mid-step, when every
- * Python-level call is slow (the interpreter's code and data are out of the caches).
+ * Python-level call is slow (the interpreter's code and data are out of the caches). Its
+ * grad_sq() is the probe's whole gradient hook in C: called by autograd for each response
+ * gradient of a logged step, it runs no Python code at all in the common case.
  */
 #ifdef GL_PYTHON
 #define PY_SSIZE_T_CLEAN
@@ -318,6 +320,37 @@ static int same_layout(const DLTensor *a, const DLTensor *b) {
  * dtype, shape and strides), their samples are not `rows`, or the columns do not fit: the
  * caller then takes its checked path. The capsules are not consumed (their tensors stay
  * owned by them). The kernel runs with the GIL released. */
+/* Kernel `kind` on the tensors of DLPack capsules a (and b) into columns col.. of the float64
+ * (rows, cap) table: col, or -1 with nothing written when they are not what the kernels read
+ * (see dense_per_sample; b must match a's dtype, shape and strides), their samples are not
+ * `rows`, or the columns do not fit. The kernel runs with the GIL released. */
+static long long run_capsules(long long kind, PyObject *ca, PyObject *cb, double *table,
+                              long long rows, long long cap, long long col, long long nthreads) {
+    const int threads = nthreads < 1 ? 1 : nthreads > 4096 ? 4096 : (int)nthreads;
+    const DLTensor *a = unwrap(ca);
+    const DLTensor *b = kind == 0 ? NULL : unwrap(cb);
+    int64_t n;
+    int bf;
+    const int64_t per = a == NULL ? 0 : dense_per_sample(a, &n, &bf);
+    if (kind < 0 || kind > 3 || per == 0 || table == NULL || n != rows || col < 0 ||
+        col > cap - nsums((int)kind) ||
+        (kind != 0 && (b == NULL || !same_layout(a, b))))
+        return -1;
+    const char *pa = (const char *)a->data + a->byte_offset;
+    const char *pb = b == NULL ? NULL : (const char *)b->data + b->byte_offset;
+    const kernel_fn fn = KERNEL_FNS[kind][bf];
+    Py_BEGIN_ALLOW_THREADS
+    fn(pa, pb, (int64_t)rows, per, table + col, (int64_t)cap, threads);
+    Py_END_ALLOW_THREADS
+    return col;
+}
+
+/* run(kind, a, b, table, rows, capacity, col, threads) -> col, or -1 with nothing written.
+ *
+ * kind: index into KERNELS; a, b: DLPack capsules (b None for sq); table: address of a
+ * contiguous float64 (rows, capacity) table; the kernel's K sums go to columns col..col+K-1.
+ * -1 as run_capsules says: the caller then takes its checked path. The capsules are not
+ * consumed (their tensors stay owned by them). */
 static PyObject *gl_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 8) {
@@ -331,37 +364,106 @@ static PyObject *gl_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         v[i] = PyLong_AsLongLong(args[at[i]]);
         if (v[i] == -1 && PyErr_Occurred()) return NULL;
     }
-    const long long kind = v[0], rows = v[2], cap = v[3], col = v[4];
-    double *table = (double *)(intptr_t)v[1];
-    const int threads = v[5] < 1 ? 1 : v[5] > 4096 ? 4096 : (int)v[5];
-    const DLTensor *a = unwrap(args[1]);
-    const DLTensor *b = kind == 0 ? NULL : unwrap(args[2]);
-    int64_t n;
-    int bf;
-    const int64_t per = a == NULL ? 0 : dense_per_sample(a, &n, &bf);
-    if (kind < 0 || kind > 3 || per == 0 || table == NULL || n != rows || col < 0 ||
-        col > cap - nsums((int)kind) ||
-        (kind != 0 && (b == NULL || !same_layout(a, b))))
-        return PyLong_FromLong(-1);
-    const char *pa = (const char *)a->data + a->byte_offset;
-    const char *pb = b == NULL ? NULL : (const char *)b->data + b->byte_offset;
-    const kernel_fn fn = KERNEL_FNS[kind][bf];
-    Py_BEGIN_ALLOW_THREADS
-    fn(pa, pb, (int64_t)rows, per, table + col, (int64_t)cap, threads);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLongLong(col);
+    return PyLong_FromLongLong(run_capsules(v[0], args[1], args[2], (double *)(intptr_t)v[1],
+                                            v[2], v[3], v[4], v[5]));
+}
+
+/* What grad_sq needs from Python, set once by configure(): torch's DLPack export and its
+ * thread count, and the attribute names of the probe's table of sums. */
+static PyObject *to_dlpack_fn, *threads_fn, *s_ptr, *s_rows, *s_cap, *s_used;
+
+static PyObject *gl_configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2 || !PyCallable_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "configure(to_dlpack, get_num_threads)");
+        return NULL;
+    }
+    if (s_ptr == NULL) {
+        s_ptr = PyUnicode_InternFromString("_ptr");
+        s_rows = PyUnicode_InternFromString("_rows");
+        s_cap = PyUnicode_InternFromString("_cap");
+        s_used = PyUnicode_InternFromString("used");
+        if (!s_ptr || !s_rows || !s_cap || !s_used) return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(to_dlpack_fn, args[0]);
+    Py_XSETREF(threads_fn, args[1]);
+    Py_RETURN_NONE;
+}
+
+static long long attr_ll(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    long long r = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* grad_sq(table, cols, store, key, fallback, grads): an autograd pre-hook (bound to its first
+ * five arguments by functools.partial) that writes per-sample ||grads[0]||^2 into the next
+ * column of the probe's SumTable `table` and records it as cols[key] = (col,) (dropping
+ * store[key]), with no Python code run: what the probe's Python hook does for a dense CPU
+ * gradient. Anything else (no configure, a tensor DLPack cannot export or the kernels do not
+ * read, a full table, another batch size) goes to fallback(grads), the Python hook. */
+static PyObject *gl_grad_sq(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 6 || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "grad_sq(table, cols, store, key, fallback, grads)");
+        return NULL;
+    }
+    PyObject *table = args[0], *cols = args[1], *store = args[2], *key = args[3];
+    PyObject *fallback = args[4], *grads = args[5];
+    if (!PyTuple_Check(grads) || PyTuple_GET_SIZE(grads) < 1 || to_dlpack_fn == NULL)
+        return PyObject_CallOneArg(fallback, grads);
+    PyObject *g = PyTuple_GET_ITEM(grads, 0);
+    if (g == Py_None) Py_RETURN_NONE;
+    PyObject *capsule = PyObject_CallOneArg(to_dlpack_fn, g);
+    if (capsule == NULL) { /* a layout DLPack cannot export: the checked path */
+        PyErr_Clear();
+        return PyObject_CallOneArg(fallback, grads);
+    }
+    long long col = -1;
+    const long long ptr = attr_ll(table, s_ptr), rows = attr_ll(table, s_rows),
+                    cap = attr_ll(table, s_cap), used = attr_ll(table, s_used);
+    PyObject *nt = PyErr_Occurred() ? NULL : PyObject_CallNoArgs(threads_fn);
+    const long long threads = nt == NULL ? -1 : PyLong_AsLongLong(nt);
+    Py_XDECREF(nt);
+    if (!PyErr_Occurred())
+        col = run_capsules(0, capsule, NULL, (double *)(intptr_t)ptr, rows, cap, used, threads);
+    Py_DECREF(capsule);
+    if (PyErr_Occurred()) return NULL;
+    if (col < 0) return PyObject_CallOneArg(fallback, grads);
+    PyObject *next = PyLong_FromLongLong(col + 1);
+    PyObject *cell = Py_BuildValue("(L)", col);
+    int bad = next == NULL || cell == NULL || PyObject_SetAttr(table, s_used, next) < 0 ||
+              PyDict_SetItem(cols, key, cell) < 0;
+    Py_XDECREF(next);
+    Py_XDECREF(cell);
+    if (bad) return NULL;
+    if (PyDict_GET_SIZE(store) && PyDict_DelItem(store, key) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError)) return NULL;
+        PyErr_Clear();
+    }
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef gl_methods[] = {
     {"run", (PyCFunction)(void (*)(void))gl_run, METH_FASTCALL,
      "run(kind, a, b, table, rows, capacity, col, threads) -> col, or -1"},
+    {"configure", (PyCFunction)(void (*)(void))gl_configure, METH_FASTCALL,
+     "configure(to_dlpack, get_num_threads)"},
+    {"grad_sq", (PyCFunction)(void (*)(void))gl_grad_sq, METH_FASTCALL,
+     "grad_sq(table, cols, store, key, fallback, grads) -> None"},
     {NULL, NULL, 0, NULL}};
 static struct PyModuleDef gl_module = {
     PyModuleDef_HEAD_INIT, "_gradlab_kernels", NULL, -1, gl_methods, NULL, NULL, NULL, NULL};
 PyMODINIT_FUNC PyInit__gradlab_kernels(void) {
     PyObject *module = PyModule_Create(&gl_module);
 #ifdef Py_GIL_DISABLED
-    /* run() touches no shared Python state (and releases the GIL where there is one). */
+    /* run() touches no shared Python state (and releases the GIL where there is one);
+     * grad_sq() changes the probe's objects only through the C API's own thread-safe calls
+     * (PyObject_SetAttr, PyDict_SetItem), as the Python hook it replaces does. */
     if (module != NULL) PyUnstable_Module_SetGIL(module, Py_MOD_GIL_NOT_USED);
 #endif
     return module;

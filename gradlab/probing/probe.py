@@ -9,6 +9,7 @@ per logged step.
 
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from dataclasses import dataclass
@@ -434,6 +435,11 @@ class Probe:
         def grad_hook(g):  # the same as a tensor hook (under torch.compile)
             node_hook((g,))
 
+        # For CPU responses, node_hook's work done in C (kernels.grad_sq: no Python code runs
+        # per call), node_hook itself taking whatever the C code does not; built on the first
+        # CPU response, when the kernels load. [None]: not yet.
+        c_hook: list = [None if self.fused is not False else node_hook]
+
         def hook(module, args, out):
             # (= self._recording(), inlined: this runs mid-forward, 56 times per resnet56 step)
             if not (self._enabled and _grad_enabled()) or not isinstance(out, torch.Tensor):
@@ -462,7 +468,16 @@ class Probe:
                 if earlier is not None:  # called again since the last snapshot
                     earlier.remove()
                 if node is not None and out.output_nr == 0 and not self._traced:
-                    handles[name] = node.register_prehook(node_hook)
+                    fn = node_hook
+                    if out.is_cpu:
+                        fn = c_hook[0]
+                        if fn is None:
+                            fn = c_hook[0] = (
+                                functools.partial(_kernels.grad_sq, sums, cols, store,
+                                                  key_grad, node_hook)
+                                if _kernels.load() and _kernels.grad_sq is not None
+                                else node_hook)
+                    handles[name] = node.register_prehook(fn)
                 else:
                     handles[name] = out.register_hook(grad_hook)
             return None
