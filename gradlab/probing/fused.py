@@ -33,8 +33,9 @@ itself, in C (bound to the step's table and the metric's key by ``functools.part
 calls it for each response gradient and no Python code runs at all in the common case (on that
 VM, 10-20 microseconds less per call with the caches flushed, about 0.6 ms per logged resnet56
 step of 56 gradients); whatever it does not take (a layout DLPack or the kernels refuse, a full
-table, another batch size) it hands to the Python hook. Elsewhere, and for any tensor the extension refuses, the
-checked ctypes path runs; both call the same kernels, so the sums are the same to the bit.
+table, another batch size) it hands to the Python hook. Elsewhere, and for any tensor the
+extension refuses, the checked ctypes path runs; both call the same kernels, so the sums are the
+same to the bit.
 
 When: CPU tensors of float32 or bfloat16 laid out densely per sample (NCHW- or
 channels_last-contiguous; through the extension, any order of a sample's elements that leaves no

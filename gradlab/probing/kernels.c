@@ -312,14 +312,6 @@ static int same_layout(const DLTensor *a, const DLTensor *b) {
     return 1;
 }
 
-/* run(kind, a, b, table, rows, capacity, col, threads) -> col, or -1 with nothing written.
- *
- * kind: index into KERNELS; a, b: DLPack capsules (b None for sq); table: address of a
- * contiguous float64 (rows, capacity) table; the kernel's K sums go to columns col..col+K-1.
- * -1 when the tensors are not what the kernels read (see dense_per_sample; b must match a's
- * dtype, shape and strides), their samples are not `rows`, or the columns do not fit: the
- * caller then takes its checked path. The capsules are not consumed (their tensors stay
- * owned by them). The kernel runs with the GIL released. */
 /* Kernel `kind` on the tensors of DLPack capsules a (and b) into columns col.. of the float64
  * (rows, cap) table: col, or -1 with nothing written when they are not what the kernels read
  * (see dense_per_sample; b must match a's dtype, shape and strides), their samples are not
