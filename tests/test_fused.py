@@ -521,6 +521,17 @@ def test_gradient_hook_in_c_matches_the_python_hook_and_hands_it_the_rest(batch,
         in_python = grad_norms()
     assert len(in_c) == 20 and in_c.equals(in_python)
 
+    calls = []
+    real = kernels.grad_sq
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "grad_sq", lambda *a: calls.append(1) or real(*a))
+        torch.manual_seed(0)
+        model = create_model("resnet20", in_channels=1, num_classes=10).train()
+        captured_run(model, x, y, fused=False)  # eager formulas only: no kernel, no C hook
+        assert calls == []
+        grad_norms()
+        assert len(calls) == 20
+
     hook = kernels.grad_sq
     g = torch.Generator().manual_seed(5)
     t = torch.randn(4, 8, 6, 6, generator=g).bfloat16()

@@ -438,7 +438,7 @@ class Probe:
         # For CPU responses, node_hook's work done in C (kernels.grad_sq: no Python code runs
         # per call), node_hook itself taking whatever the C code does not; built on the first
         # CPU response, when the kernels load. [None]: not yet.
-        c_hook: list = [None if self.fused is not False else node_hook]
+        c_hook: list = [None]
 
         def hook(module, args, out):
             # (= self._recording(), inlined: this runs mid-forward, 56 times per resnet56 step)
@@ -469,7 +469,7 @@ class Probe:
                     earlier.remove()
                 if node is not None and out.output_nr == 0 and not self._traced:
                     fn = node_hook
-                    if out.is_cpu:
+                    if out.is_cpu and self.fused is not False:
                         fn = c_hook[0]
                         if fn is None:
                             fn = c_hook[0] = (
