@@ -370,12 +370,19 @@ static PyObject *gl_configure(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "configure(to_dlpack, get_num_threads)");
         return NULL;
     }
-    if (s_ptr == NULL) {
-        s_ptr = PyUnicode_InternFromString("_ptr");
-        s_rows = PyUnicode_InternFromString("_rows");
-        s_cap = PyUnicode_InternFromString("_cap");
-        s_used = PyUnicode_InternFromString("used");
-        if (!s_ptr || !s_rows || !s_cap || !s_used) return NULL;
+    if (s_used == NULL) { /* all four or none (a failed call leaves them for the next) */
+        PyObject *names[4] = {PyUnicode_InternFromString("_ptr"),
+                              PyUnicode_InternFromString("_rows"),
+                              PyUnicode_InternFromString("_cap"),
+                              PyUnicode_InternFromString("used")};
+        if (!names[0] || !names[1] || !names[2] || !names[3]) {
+            for (int i = 0; i < 4; i++) Py_XDECREF(names[i]);
+            return NULL;
+        }
+        s_ptr = names[0];
+        s_rows = names[1];
+        s_cap = names[2];
+        s_used = names[3];
     }
     Py_INCREF(args[0]);
     Py_INCREF(args[1]);
@@ -384,12 +391,21 @@ static PyObject *gl_configure(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
-static long long attr_ll(PyObject *obj, PyObject *name) {
+/* obj.name as a long long into *out: 0, or -1 with an exception set. */
+static int attr_ll(PyObject *obj, PyObject *name, long long *out) {
     PyObject *v = PyObject_GetAttr(obj, name);
     if (v == NULL) return -1;
-    long long r = PyLong_AsLongLong(v);
+    *out = PyLong_AsLongLong(v);
     Py_DECREF(v);
-    return r;
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* After a failed step of grad_sq: an Exception goes, as in the Python hook's try/except, to
+ * the Python hook (its checked path); anything else (KeyboardInterrupt) propagates. */
+static PyObject *hand_over(PyObject *fallback, PyObject *grads) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+    PyErr_Clear();
+    return PyObject_CallOneArg(fallback, grads);
 }
 
 /* grad_sq(table, cols, store, key, fallback, grads): an autograd pre-hook (bound to its first
@@ -397,7 +413,8 @@ static long long attr_ll(PyObject *obj, PyObject *name) {
  * column of the probe's SumTable `table` and records it as cols[key] = (col,) (dropping
  * store[key]), with no Python code run: what the probe's Python hook does for a dense CPU
  * gradient. Anything else (no configure, a tensor DLPack cannot export or the kernels do not
- * read, a full table, another batch size) goes to fallback(grads), the Python hook. */
+ * read, a full table, another batch size, an Exception reading the table) goes to
+ * fallback(grads), the Python hook. */
 static PyObject *gl_grad_sq(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 6 || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[2])) {
@@ -410,21 +427,20 @@ static PyObject *gl_grad_sq(PyObject *self, PyObject *const *args, Py_ssize_t na
         return PyObject_CallOneArg(fallback, grads);
     PyObject *g = PyTuple_GET_ITEM(grads, 0);
     if (g == Py_None) Py_RETURN_NONE;
+    long long ptr, rows, cap, used, threads;
+    PyObject *nt = NULL;
+    if (attr_ll(table, s_ptr, &ptr) < 0 || attr_ll(table, s_rows, &rows) < 0 ||
+        attr_ll(table, s_cap, &cap) < 0 || attr_ll(table, s_used, &used) < 0 ||
+        (nt = PyObject_CallNoArgs(threads_fn)) == NULL)
+        return hand_over(fallback, grads);
+    threads = PyLong_AsLongLong(nt);
+    Py_DECREF(nt);
+    if (threads == -1 && PyErr_Occurred()) return hand_over(fallback, grads);
     PyObject *capsule = PyObject_CallOneArg(to_dlpack_fn, g);
-    if (capsule == NULL) { /* a layout DLPack cannot export: the checked path */
-        PyErr_Clear();
-        return PyObject_CallOneArg(fallback, grads);
-    }
-    long long col = -1;
-    const long long ptr = attr_ll(table, s_ptr), rows = attr_ll(table, s_rows),
-                    cap = attr_ll(table, s_cap), used = attr_ll(table, s_used);
-    PyObject *nt = PyErr_Occurred() ? NULL : PyObject_CallNoArgs(threads_fn);
-    const long long threads = nt == NULL ? -1 : PyLong_AsLongLong(nt);
-    Py_XDECREF(nt);
-    if (!PyErr_Occurred())
-        col = run_capsules(0, capsule, NULL, (double *)(intptr_t)ptr, rows, cap, used, threads);
+    if (capsule == NULL) return hand_over(fallback, grads); /* a layout DLPack cannot export */
+    const long long col =
+        run_capsules(0, capsule, NULL, (double *)(intptr_t)ptr, rows, cap, used, threads);
     Py_DECREF(capsule);
-    if (PyErr_Occurred()) return NULL;
     if (col < 0) return PyObject_CallOneArg(fallback, grads);
     PyObject *next = PyLong_FromLongLong(col + 1);
     PyObject *cell = Py_BuildValue("(L)", col);
