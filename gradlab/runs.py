@@ -329,6 +329,15 @@ def check_part(part: Path, table: pa.Table) -> pa.Table:
     return table
 
 
+def read_part(part: Path, **kwargs) -> pa.Table:
+    """``pq.read_table(part, **kwargs)``; a part that cannot be read is a :class:`RunError`
+    naming it."""
+    try:
+        return pq.read_table(part, **kwargs)
+    except (OSError, pa.ArrowException) as e:
+        raise RunError(f"{part}: unreadable metrics part ({str(e).splitlines()[0]})") from None
+
+
 def read_metrics(path: Path, *, columns: list[str] | None = None,
                  metrics: list[str] | None = None, steps: list[int] | None = None,
                  categorical: bool = False) -> pd.DataFrame:
@@ -354,12 +363,8 @@ def read_metrics(path: Path, *, columns: list[str] | None = None,
     dictionary = [c for c in ("layer", "metric") if c in cols] if categorical else None
     tables = []
     for part in parts:
-        try:
-            tables.append(check_part(part, pq.read_table(part, columns=cols,
-                                                         filters=filters or None,
-                                                         read_dictionary=dictionary)))
-        except (OSError, pa.ArrowException) as e:
-            raise RunError(f"{part}: unreadable metrics part ({str(e).splitlines()[0]})") from None
+        tables.append(check_part(part, read_part(part, columns=cols, filters=filters or None,
+                                                 read_dictionary=dictionary)))
     if not tables:
         return pd.DataFrame({c: pd.Series(dtype="category" if dictionary and c in dictionary
                                           else METRICS_SCHEMA.field(c).type.to_pandas_dtype())

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradlab.runs import RunError, check_part
+from gradlab.runs import check_part, read_part
 
 __all__ = ["RunSummary", "scan", "summarise", "tail_of", "empty_rows"]
 
@@ -67,10 +66,7 @@ def scan(parts: Sequence[Path]) -> list[_Part]:
     """Distinct steps of each part, reading only the ``step`` column (cheap: run-length coded)."""
     out = []
     for p in parts:
-        try:
-            step = pq.read_table(p, columns=["step"], use_threads=False)["step"]
-        except (OSError, pa.ArrowException) as e:
-            raise RunError(f"{p}: unreadable metrics part ({str(e).splitlines()[0]})") from None
+        step = read_part(p, columns=["step"], use_threads=False)["step"]
         out.append(_Part(p, _distinct(step.to_numpy())))
     return out
 
@@ -112,12 +108,8 @@ class _Series:
         Unwanted rows are not dropped here: one selection later (by kind) drops them together
         with what the caller does not need, instead of copying every column twice.
         """
-        try:
-            t = check_part(part, pq.read_table(part, columns=["step", "layer", "metric", "value"],
-                                               read_dictionary=["layer", "metric"],
-                                               use_threads=False))
-        except (OSError, pa.ArrowException) as e:
-            raise RunError(f"{part}: unreadable metrics part ({str(e).splitlines()[0]})") from None
+        t = check_part(part, read_part(part, columns=["step", "layer", "metric", "value"],
+                                       read_dictionary=["layer", "metric"], use_threads=False))
         steps, ids, values = [], [], []
         offset = 0
         for batch in t.to_batches():
