@@ -180,16 +180,18 @@ def _strat_part(d: Sequence[float], depth: Sequence[int], alternative: str, *, n
                  opposite=opposite, by_depth=per)
 
 
+def _significant(q: _Part, side: str) -> str | None:
+    """``q.says`` (side "says") or ``q.opposite`` (side "opposite") with its p, where that p is
+    below ALPHA; else None."""
+    p = q.p if side == "says" else q.p_opposite
+    return f"{getattr(q, side)} (p={p:.3g})" if p < ALPHA else None
+
+
 def _depth_split(parts: Iterable[_Part]) -> str:
     """The depths at which a part's direction (or its opposite) is significant on its own (each
     at ALPHA): explains an inconclusive pooled test."""
-    said = []
-    for part in parts:
-        for q in part.by_depth:
-            for attr, word in (("p", "says"), ("p_opposite", "opposite")):
-                if getattr(q, attr) < ALPHA:
-                    said.append(f"{getattr(q, word)} (p={getattr(q, attr):.3g})")
-    return "; ".join(said)
+    return "; ".join(s for part in parts for q in part.by_depth
+                     for side in ("says", "opposite") if (s := _significant(q, side)))
 
 
 def _reversal(part: _Part, verdict: str) -> str | None:
@@ -200,12 +202,15 @@ def _reversal(part: _Part, verdict: str) -> str | None:
     found here only keeps the verdict from being general (it becomes inconclusive), so not
     correcting is the conservative choice.
     """
-    attr, word = ("p_opposite", "opposite") if verdict == "supported" else ("p", "says")
-    hits = [q for q in part.by_depth if getattr(q, attr) < ALPHA]
-    if not hits:
-        return None
-    return "; ".join(f"{getattr(q, word)} (p={getattr(q, attr):.3g})" for q in hits)
+    side = "opposite" if verdict == "supported" else "says"
+    return "; ".join(s for q in part.by_depth if (s := _significant(q, side))) or None
 
+
+#: How every claim that pools pairs (or runs) of several depths tests them (its method text).
+_BY_DEPTH = ("Where the pairs (or runs) come from several depths, the t-tests are stratified by "
+             "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
+             "also tested alone: a reversal significant at one depth (p < 0.05, uncorrected) "
+             "makes the verdict inconclusive.")
 
 _INFO = {
     "degradation": (
@@ -245,10 +250,7 @@ _INFO = {
         "must be significant (p < 0.05); contradicted if either opposite direction is (Holm "
         "over the two). The pooled Wilcoxon signed-rank test over all matched (layer, seed) "
         "pairs is shown as descriptive only (layers of one run are not independent). "
-        "Where the pairs (or runs) come from several depths, the t-tests are stratified by "
-        "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
-        "also tested alone: a reversal significant at one depth (p < 0.05, uncorrected) makes "
-        "the verdict inconclusive."),
+        + _BY_DEPTH),
     "near-identity": (
         "Residual blocks stay close to the identity",
         "residual_ratio < 1 for most blocks; identity_gap of residual blocks is below plain "
@@ -263,10 +265,7 @@ _INFO = {
         "its shape) of ln(gap_resnet / gap_plain); one-sided t-test of d < 0. Effect: "
         "exp(mean d), 95% CI exp of d's t interval. Both parts must be significant; "
         "contradicted if either opposite is (Holm over the two). "
-        "Where the pairs (or runs) come from several depths, the t-tests are stratified by "
-        "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
-        "also tested alone: a reversal significant at one depth (p < 0.05, uncorrected) makes "
-        "the verdict inconclusive."),
+        + _BY_DEPTH),
     "gradient-flow": (
         "Gradients flow better through residual nets",
         "response_grad_norm decays (or explodes) through depth more in plain nets than in "
@@ -279,10 +278,7 @@ _INFO = {
         "one-sample t-test of d > 0 over pairs. Effect: mean d (decades per layer) with its t "
         "95% CI. Layers whose values there are not finite and positive are left out (keeping the "
         "others' ranks). The slopes at init (step 0) and at the final step are listed too. "
-        "Where the pairs (or runs) come from several depths, the t-tests are stratified by "
-        "depth (depth a fixed effect; variance within depths, N - J df) and each depth is "
-        "also tested alone: a reversal significant at one depth (p < 0.05, uncorrected) makes "
-        "the verdict inconclusive."),
+        + _BY_DEPTH),
 }
 
 
@@ -519,13 +515,13 @@ def _select(runs: Iterable[LoadedRun], needs: Sequence[str]) -> _Selection:
     # Where several setups are present, the one with the most runs is tested (ties: the first
     # run's) and the others are named.
     main = main_setup(kept)
-    if any(setup_of(r) != main for r in kept):
-        n_main = sum(setup_of(r) == main for r in kept)
-        for r in kept:
-            if setup_of(r) != main:
-                notes.append(f"{r.name} not used: its training setup differs from the "
-                             f"{n_main} runs tested ({setup_difference(setup_of(r), main)})")
-        kept = [r for r in kept if setup_of(r) == main]
+    setups = [setup_of(r) for r in kept]
+    tested = [r for r, s in zip(kept, setups, strict=True) if s == main]
+    for r, s in zip(kept, setups, strict=True):
+        if s != main:
+            notes.append(f"{r.name} not used: its training setup differs from the "
+                         f"{len(tested)} runs tested ({setup_difference(s, main)})")
+    kept = tested
 
     # Residual nets: one family and shortcut variant (resnet with option A when present), so a
     # comparison never mixes different architectures under one depth.

@@ -437,8 +437,8 @@ def make_figures(runset: RunSet) -> list[FigureTuple]:
         # One training setup, as in the claims: a run of another lr or length is another
         # experiment, not one more seed of its model.
         setup = main_setup([r for r in runs if r.status == "completed"] or runs)
-        alien = sum(setup_of(r) != setup for r in runs)
-        runs = [r for r in runs if setup_of(r) == setup]
+        same = [r for r in runs if setup_of(r) == setup]
+        alien, runs = len(runs) - len(same), same
         done = [r for r in runs if r.status == "completed"]
         others = len(runs) - len(done)
         for make in FIGURES:
