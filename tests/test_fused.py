@@ -540,48 +540,48 @@ def test_gradient_hook_in_c_matches_the_python_hook_and_hands_it_the_rest(batch,
     st = SumTable()
     assert st.take(4, 1) == 0
     cols, store = {}, {key: "an eager value"}
-    assert hook(st, cols, store, key, handed.append, (t,)) is None
+    assert hook(st, cols, store, key, handed.append, t) is None
     assert cols == {key: (1,)} and store == {} and st.used == 2 and handed == []
     torch.testing.assert_close(st.table[:, 1], reference("sq", t, None)[0].double(),
                                rtol=2e-6, atol=0)
-    assert hook(st, cols, store, key, handed.append, (None,)) is None  # no gradient: nothing
+    assert hook(st, cols, store, key, handed.append, None) is None  # no gradient: nothing
     assert handed == [] and st.used == 2 and cols == {key: (1,)}
-    for why, grads in {"strided": (t[:, ::2],), "another batch size": (t[:2],),
-                       "float64": (t.double(),), "not a tuple": [t], "empty": ()}.items():
+    for why, grad in {"strided": t[:, ::2], "another batch size": t[:2],
+                      "float64": t.double(), "not a tensor": [t]}.items():
         handed.clear()
-        assert hook(st, cols, store, key, handed.append, grads) is None, why
-        assert handed == [grads] and st.used == 2 and cols == {key: (1,)}, why
+        assert hook(st, cols, store, key, handed.append, grad) is None, why
+        assert handed == [grad] and st.used == 2 and cols == {key: (1,)}, why
 
     class Broken:  # a table whose attributes cannot be read: the Python hook's checked path
         _rows, _cap, used = 4, 64, 0
     handed.clear()
-    assert hook(Broken(), cols, store, key, handed.append, (t,)) is None
-    assert handed == [(t,)] and cols == {key: (1,)}
+    assert hook(Broken(), cols, store, key, handed.append, t) is None
+    assert handed == [t] and cols == {key: (1,)}
 
     # A full table: the Python hook (here the probe's own entry, SumTable.sq) grows it, and the
     # next call writes into the grown table.
     full = st.used = st._cap
     store[key] = "an eager value"
 
-    def python_hook(grads):
-        cols[key] = (st.sq(grads[0]),)
+    def python_hook(grad):
+        cols[key] = (st.sq(grad),)
         store.pop(key, None)
-    hook(st, cols, store, key, python_hook, (t,))
+    hook(st, cols, store, key, python_hook, t)
     assert cols == {key: (full,)} and st.used == full + 1 and st._cap > full and store == {}
     u = torch.randn(4, 8, 6, 6, generator=g).bfloat16()
-    hook(st, cols, store, key, handed.append, (u,))
+    hook(st, cols, store, key, handed.append, u)
     assert cols == {key: (full + 1,)} and st.used == full + 2
     want = torch.stack([reference("sq", v, None)[0].double() for v in (t, u)], 1)
     torch.testing.assert_close(st.table[:, full: full + 2], want, rtol=2e-6, atol=0)
 
-    def failing(grads):
+    def failing(grad):
         raise RuntimeError("from the Python hook")
     with pytest.raises(RuntimeError, match="from the Python hook"):
-        hook(st, cols, store, key, failing, (t[:, ::2],))
+        hook(st, cols, store, key, failing, t[:, ::2])
     with pytest.raises(TypeError):
-        hook(st, [], store, key, failing, (t,))  # cols must be a dict
+        hook(st, [], store, key, failing, t)  # cols must be a dict
     with pytest.raises(TypeError):
-        hook(st, cols, store, key, (t,))
+        hook(st, cols, store, key, t)
 
 
 def test_library_without_python_headers_is_plain_and_gives_the_same_sums(tmp_path,

@@ -402,46 +402,44 @@ static int attr_ll(PyObject *obj, PyObject *name, long long *out) {
 
 /* After a failed step of grad_sq: an Exception goes, as in the Python hook's try/except, to
  * the Python hook (its checked path); anything else (KeyboardInterrupt) propagates. */
-static PyObject *hand_over(PyObject *fallback, PyObject *grads) {
+static PyObject *hand_over(PyObject *fallback, PyObject *g) {
     if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
     PyErr_Clear();
-    return PyObject_CallOneArg(fallback, grads);
+    return PyObject_CallOneArg(fallback, g);
 }
 
-/* grad_sq(table, cols, store, key, fallback, grads): an autograd pre-hook (bound to its first
- * five arguments by functools.partial) that writes per-sample ||grads[0]||^2 into the next
- * column of the probe's SumTable `table` and records it as cols[key] = (col,) (dropping
- * store[key]), with no Python code run: what the probe's Python hook does for a dense CPU
- * gradient. Anything else (no configure, a tensor DLPack cannot export or the kernels do not
- * read, a full table, another batch size, an Exception reading the table) goes to
- * fallback(grads), the Python hook. */
+/* grad_sq(table, cols, store, key, fallback, g): an autograd tensor hook (bound to its first
+ * five arguments by functools.partial) that writes per-sample ||g||^2 into the next column of
+ * the probe's SumTable `table` and records it as cols[key] = (col,) (dropping store[key]),
+ * with no Python code run: what the probe's Python hook does for a dense CPU gradient. g None
+ * (no gradient) does nothing. Anything else (no configure, an object DLPack cannot export or
+ * the kernels do not read, a full table, another batch size, an Exception reading the table)
+ * goes to fallback(g), the Python hook. */
 static PyObject *gl_grad_sq(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 6 || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "grad_sq(table, cols, store, key, fallback, grads)");
+        PyErr_SetString(PyExc_TypeError, "grad_sq(table, cols, store, key, fallback, g)");
         return NULL;
     }
     PyObject *table = args[0], *cols = args[1], *store = args[2], *key = args[3];
-    PyObject *fallback = args[4], *grads = args[5];
-    if (!PyTuple_Check(grads) || PyTuple_GET_SIZE(grads) < 1 || to_dlpack_fn == NULL)
-        return PyObject_CallOneArg(fallback, grads);
-    PyObject *g = PyTuple_GET_ITEM(grads, 0);
+    PyObject *fallback = args[4], *g = args[5];
     if (g == Py_None) Py_RETURN_NONE;
+    if (to_dlpack_fn == NULL) return PyObject_CallOneArg(fallback, g);
     long long ptr, rows, cap, used, threads;
     PyObject *nt = NULL;
     if (attr_ll(table, s_ptr, &ptr) < 0 || attr_ll(table, s_rows, &rows) < 0 ||
         attr_ll(table, s_cap, &cap) < 0 || attr_ll(table, s_used, &used) < 0 ||
         (nt = PyObject_CallNoArgs(threads_fn)) == NULL)
-        return hand_over(fallback, grads);
+        return hand_over(fallback, g);
     threads = PyLong_AsLongLong(nt);
     Py_DECREF(nt);
-    if (threads == -1 && PyErr_Occurred()) return hand_over(fallback, grads);
+    if (threads == -1 && PyErr_Occurred()) return hand_over(fallback, g);
     PyObject *capsule = PyObject_CallOneArg(to_dlpack_fn, g);
-    if (capsule == NULL) return hand_over(fallback, grads); /* a layout DLPack cannot export */
+    if (capsule == NULL) return hand_over(fallback, g); /* not a tensor DLPack can export */
     const long long col =
         run_capsules(0, capsule, NULL, (double *)(intptr_t)ptr, rows, cap, used, threads);
     Py_DECREF(capsule);
-    if (col < 0) return PyObject_CallOneArg(fallback, grads);
+    if (col < 0) return PyObject_CallOneArg(fallback, g);
     PyObject *next = PyLong_FromLongLong(col + 1);
     PyObject *cell = Py_BuildValue("(L)", col);
     int bad = next == NULL || cell == NULL || PyObject_SetAttr(table, s_used, next) < 0 ||
@@ -462,7 +460,7 @@ static PyMethodDef gl_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))gl_configure, METH_FASTCALL,
      "configure(to_dlpack, get_num_threads)"},
     {"grad_sq", (PyCFunction)(void (*)(void))gl_grad_sq, METH_FASTCALL,
-     "grad_sq(table, cols, store, key, fallback, grads) -> None"},
+     "grad_sq(table, cols, store, key, fallback, g) -> None"},
     {NULL, NULL, 0, NULL}};
 static struct PyModuleDef gl_module = {
     PyModuleDef_HEAD_INIT, "_gradlab_kernels", NULL, -1, gl_methods, NULL, NULL, NULL, NULL};
