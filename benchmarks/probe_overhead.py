@@ -58,7 +58,7 @@ def hook_count(model: torch.nn.Module) -> int:
     n = 0
     for m in model.modules():
         n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        n += len(getattr(m, "_backward_pre_hooks", {}))
+        n += len(getattr(m, "_backward_pre_hooks", {})) + len(getattr(m, "_block_hooks", ()))
     for p in model.parameters():
         n += len(p._backward_hooks or {}) + len(getattr(p, "_post_accumulate_grad_hooks",
                                                         None) or {})

@@ -200,6 +200,49 @@ def test_hooks_see_values_that_nothing_overwrites(name: str, shortcut: str) -> N
         assert torch.equal(ref, snapshot), f"{what} was modified in place"
 
 
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("name", ["resnet20", "plain20"])
+def test_block_hooks_see_what_forward_hooks_on_the_submodules_see(name: str,
+                                                                  shortcut: str) -> None:
+    """register_block_hook: one call per block forward with the block's input, bn1's and bn2's
+    outputs, the shortcut and the sum (None in a plain block) and the output, the very tensors
+    that forward hooks on those modules receive; removable; the output is unchanged."""
+    torch.manual_seed(0)
+    model = create_model(name, shortcut=shortcut).train()
+    x = torch.randn(4, 3, 8, 8)
+    blocks = {n: b for n, b in model.named_modules() if isinstance(b, BasicBlock)}
+    seen: dict[str, dict[str, torch.Tensor]] = {n: {} for n in blocks}
+    calls: dict[str, list] = {n: [] for n in blocks}
+    handles = []
+    for n, b in blocks.items():
+        mods = {"bn1": b.bn1, "bn2": b.bn2, "block": b}
+        if b.residual:
+            mods["add"] = b.add
+        for what, mod in mods.items():
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, n=n, what=what: seen[n].update(
+                    {what: o, f"{what} args": a})))
+        handles.append(b.register_block_hook(lambda *a, n=n: calls[n].append(a)))
+    torch.manual_seed(1)
+    out = model(x)
+    for n, b in blocks.items():
+        assert len(calls[n]) == 1
+        block, xin, y1, y2, s, t, h = calls[n][0]
+        ref = seen[n]
+        assert block is b and xin is ref["block args"][0] and h is ref["block"]
+        assert y1 is ref["bn1"] and y2 is ref["bn2"]
+        if b.residual:
+            assert y2 is ref["add args"][0] and s is ref["add args"][1] and t is ref["add"]
+        else:
+            assert s is None and t is None
+    for hd in handles:
+        hd.remove()
+    assert not any(b._block_hooks for b in blocks.values())
+    torch.manual_seed(1)
+    assert torch.equal(model(x), out)
+    assert all(len(c) == 1 for c in calls.values())  # removed: not called again
+
+
 # -- initialization ----------------------------------------------------------------------------
 def test_kaiming_normal_init() -> None:
     torch.manual_seed(0)

@@ -312,6 +312,8 @@ def hooks_left(model: nn.Module) -> list[str]:
                      "_load_state_dict_pre_hooks"):
             if getattr(mod, attr, None):
                 left.append(f"{name or '<root>'}.{attr}")
+        if getattr(mod, "_block_hooks", None):
+            left.append(f"{name or '<root>'}._block_hooks")
     for name, p in model.named_parameters():
         for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
             if getattr(p, attr, None):
@@ -328,8 +330,8 @@ def global_hooks() -> int:
 
 
 def hook_count(model: nn.Module) -> int:
-    return sum(len(getattr(m, a)) for m in model.modules()
-               for a in ("_forward_hooks", "_forward_pre_hooks"))
+    return sum(len(getattr(m, a, ())) for m in model.modules()
+               for a in ("_forward_hooks", "_forward_pre_hooks", "_block_hooks"))
 
 
 def step(model: nn.Module, x, y) -> torch.Tensor:
@@ -396,6 +398,34 @@ def test_no_hooks_left_after_an_exception_in_backward(batch) -> None:
             out.register_hook(fail)
             F.cross_entropy(out, y).backward()
     assert not hooks_left(model)
+
+
+@pytest.mark.parametrize("case", ["resnet20", "plain20", "resnet20-shortcutB-channels_last-eager"])
+def test_block_hooks_record_what_forward_hooks_record(case, batch, monkeypatch) -> None:
+    """gradlab's blocks are measured by one block hook each; forward hooks on bn1, bn2, the add
+    and the block (the path any other model takes) record the same rows, to the bit."""
+    import gradlab.probing.probe as probe_module
+
+    def frame(observe: bool) -> tuple[pd.DataFrame, int]:
+        model = build(case)
+        x = as_input(case, batch[0])
+        with monkeypatch.context() as m:
+            if not observe:  # forward hooks everywhere, as in any other model
+                m.setattr(probe_module, "_BLOCK_HOOKS", False)
+            with Probe(model, fused=CASES[case].get("fused")) as probe:
+                blocks = sum(len(b._block_hooks) for b in model.modules()
+                             if isinstance(b, BasicBlock))
+                step(model, x, batch[1])
+                return probe.collect(), blocks
+
+    observed, blocks = frame(True)
+    hooked, none = frame(False)
+    assert blocks == 9 and none == 0
+    assert set(observed.metric) >= {"response_std", "response_grad_norm", "identity_gap"}
+    # (the rows' order may differ: a block hook records bn1 after the block's shortcut ran)
+    def rows(f):
+        return f.sort_values(["layer", "metric"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(rows(observed), rows(hooked))
 
 
 def test_nested_probes(batch) -> None:

@@ -91,6 +91,10 @@ def _saves_invstd(node) -> bool:
     return kind
 
 
+# Whether gradlab's blocks are measured by block hooks (False: forward hooks on bn1, bn2, the
+# add and the block, as in any other model; the same rows, for tests and benchmarks to compare).
+_BLOCK_HOOKS = True
+
 # The key of the probe's gradient hook in a response's hook dict (Tensor._backward_hooks), where
 # Tensor.register_hook's handles use positive ints.
 _HOOK = "gradlab.probe"
@@ -103,6 +107,10 @@ def _hook_dicts(node) -> bool:
     if kind is None:
         kind = _HOOK_DICT_NODES[type(node)] = hasattr(node, "_register_hook_dict")
     return kind
+
+
+def _child(name: str, child: str) -> str:
+    return f"{name}.{child}" if name else child
 
 
 def _remove_grad_hook(handle) -> None:
@@ -131,8 +139,10 @@ class Probe:
             loss.backward()
             frame = probe.collect()          # before optimizer.step()
 
-    In gradlab's own residual blocks the add's hook also records bn2 (whose output is the add's
-    first operand), so a block's bn2 called on its own, outside the block, is not measured.
+    gradlab's own blocks are measured by one block hook each
+    (:meth:`BasicBlock.register_block_hook`: the block's responses, shortcut, sum and output in
+    one call), not by forward hooks on bn1, bn2, the add and the block, so a block's bn1 or bn2
+    called on its own, outside the block, is not measured.
 
     Between two snapshots each module's values are those of its latest call: a module called
     twice in a forward reports its last call (both its response and the gradient reaching it),
@@ -163,7 +173,8 @@ class Probe:
         self.keep_hooks = keep_hooks
         self._attached = False
         self._handles: list = []
-        self._hooks: list[tuple[nn.Module, object]] | None = None
+        self._hooks: list[tuple[nn.Module, object]] | None = None  # forward hooks
+        self._observers: list[tuple[BasicBlock, object]] = []  # block hooks
         self._order_handles: list = []
         # This step's values, keyed (module, metric): eager 0-d tensors in _store; the C kernels'
         # per-sample sums as column indices into _sums (derived all at once in snapshot()).
@@ -220,7 +231,7 @@ class Probe:
                              and type(getattr(m, "relu2", None)) is nn.ReLU}
         # gradlab residual blocks whose bn2 output is the add's first operand: bn2's response
         # is recorded by the add's hook (one hook call fewer per block, each costs mid-step).
-        self._folded = {n: f"{n}.bn2" if n else "bn2" for n, m in named
+        self._folded = {n: _child(n, "bn2") for n, m in named
                         if type(m) is BasicBlock and m.residual
                         and type(getattr(m, "add", None)) is ResidualAdd
                         and isinstance(getattr(m, "bn2", None), _BatchNorm)}
@@ -235,7 +246,7 @@ class Probe:
         self._param_owner: list[int] = []
         self._owner: torch.Tensor | None = None
         # Whether the last forward of the model was traced by torch.compile (the grad hooks
-        # are then tensor hooks, which Dynamo supports, instead of autograd-node pre-hooks).
+        # are then registered by Tensor.register_hook, which Dynamo supports).
         self._traced = False
         # The gradient hook of each response's latest call (until the snapshot): a module called
         # again drops its earlier call's hook, so response_grad_norm is the same call's as
@@ -290,17 +301,13 @@ class Probe:
         if self._handles:
             return
         if self._hooks is None:  # built once: re-registering on each logged step allocates little
-            response = {n: self._response_hook(n) for n, _ in self._response_modules}
-            folded = set(self._folded.values())
-            self._hooks = ([(m, response[n]) for n, m in self._response_modules
-                            if n not in folded]
-                           + [(m, self._add_hook(b, response.get(self._folded.get(b, ""))))
-                              for b, m in self._adds]
-                           + [(m, self._block_hook(n)) for n, m in self._blocks])
+            self._build_hooks()
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._start_hook))
             for mod, hook in self._hooks:
                 self._handles.append(mod.register_forward_hook(hook))
+            for block, hook in self._observers:
+                self._handles.append(block.register_block_hook(hook))
             # Registered last: runs after every other hook of the model, also when its forward
             # raises (then it only closes the forward).
             self._handles.append(self.model.register_forward_hook(self._end_hook,
@@ -308,6 +315,38 @@ class Probe:
         except BaseException:
             self._unregister()
             raise
+
+    def _build_hooks(self) -> None:
+        """The forward hooks (module, hook) and the block hooks (block, hook) to register."""
+        response = {n: self._response_hook(n) for n, _ in self._response_modules}
+        adds = [(b, m, self._add_hook(b, response.get(self._folded.get(b, ""))))
+                for b, m in self._adds]
+        add_of = {b: (m, hook) for b, m, hook in adds}
+        responses = dict(self._response_modules)
+        taken: set[str] = set()  # measured by a block hook: no forward hook of their own
+        self._observers = []
+        for name, block in self._blocks:
+            # gradlab's own blocks: one block hook does what forward hooks on bn1, bn2 (or the
+            # add, which records bn2), and the block would, without PyTorch's slow path for a
+            # module with hooks (four module calls fewer per block, each costly mid-step).
+            if not _BLOCK_HOOKS or type(block) is not BasicBlock:
+                continue
+            bn1, bn2 = _child(name, "bn1"), _child(name, "bn2")
+            if responses.get(bn1) is not block.bn1 or responses.get(bn2) is not block.bn2:
+                continue
+            if block.residual and (name not in self._folded
+                                   or add_of.get(name, (None,))[0] is not block.add
+                                   or sum(b == name for b, _ in self._adds) != 1):
+                continue
+            add = add_of[name][1] if block.residual else None
+            self._observers.append((block, self._block_observer(
+                name, block, response[bn1], None if block.residual else response[bn2], add)))
+            taken |= {name, bn1, bn2}
+        folded = set(self._folded.values())
+        self._hooks = ([(m, response[n]) for n, m in self._response_modules
+                        if n not in folded and n not in taken]
+                       + [(m, hook) for b, m, hook in adds if b not in taken]
+                       + [(m, self._block_hook(n)) for n, m in self._blocks if n not in taken])
 
     def _unregister(self) -> None:
         """Remove the measuring hooks; values recorded so far wait for the snapshot."""
@@ -559,6 +598,24 @@ class Probe:
             self._shortcut_norms[block] = (_tensor_key(s), ns)
             self._put(key_res, M.residual_stats(f, s, t, ns))
             return None
+        return hook
+
+    def _block_observer(self, name: str, block: BasicBlock, bn1_hook, bn2_hook, add_hook):
+        """The block hook of a gradlab block: its bn1's response hook, then the add's (which
+        records bn2) or, in a plain block, bn2's, then the block's, as forward hooks on each
+        would run them."""
+        bn1, bn2, add = block.bn1, block.bn2, getattr(block, "add", None)
+        block_hook = self._block_hook(name)
+
+        def hook(module, x, y1, y2, s, t, out):
+            if not (self._enabled and _grad_enabled()):
+                return
+            bn1_hook(bn1, (), y1)
+            if add_hook is not None:
+                add_hook(add, (y2, s), t)
+            else:
+                bn2_hook(bn2, (), y2)
+            block_hook(module, (x,), out)
         return hook
 
     def _block_hook(self, name: str):
