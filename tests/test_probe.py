@@ -428,6 +428,38 @@ def test_block_hooks_record_what_forward_hooks_record(case, batch, monkeypatch) 
     pd.testing.assert_frame_equal(rows(observed), rows(hooked))
 
 
+def test_response_std_from_running_variances_where_no_invstd_was_saved(batch,
+                                                                       monkeypatch) -> None:
+    """response_std takes BatchNorm's saved 1/sqrt(v + eps) where its node kept one (all of
+    them on CPU) and the change of the running variance elsewhere (cuDNN's node, say): with
+    none saved, or every other one, the values agree with those from invstd."""
+    import gradlab.probing.probe as probe_module
+
+    def stds(saves) -> pd.Series:
+        model = build("resnet20")
+        with monkeypatch.context() as m:
+            if saves is not None:
+                m.setattr(probe_module, "_INVSTD_NODES", {})
+                m.setattr(probe_module, "_saves_invstd", saves)
+            with Probe(model) as probe:
+                step(model, *batch)
+                f = probe.collect()
+        return f[f.metric == "response_std"].set_index("layer").value
+
+    calls = []
+
+    def every_other(node) -> bool:
+        calls.append(1)
+        return type(node).__name__ == "NativeBatchNormBackward0" and len(calls) % 2 == 0
+
+    exact = stds(None)
+    assert len(exact) == 20 and (exact > 0).all()
+    for saves in (lambda node: False, every_other):
+        got = stds(saves)
+        pd.testing.assert_series_equal(got.sort_index(), exact.sort_index(), rtol=1e-3)
+    assert len(calls) == 19  # every BatchNorm asked, none cached
+
+
 def test_nested_probes(batch) -> None:
     model = build("resnet20")
     with Probe(model) as outer:

@@ -93,7 +93,7 @@ class BNConstants:
                                                             device=dev))
 
 
-def bn_response_stds(bns: list, before: torch.Tensor, after: torch.Tensor,
+def bn_response_stds(bns: list, before: torch.Tensor | None, after: torch.Tensor | None,
                      k: BNConstants, invstd: torch.Tensor | None = None) -> torch.Tensor:
     """response_std of many BatchNorms in training mode (float ``momentum``), exactly, from
     what each computed, in one set of ops (about 20 for a whole network).
@@ -109,13 +109,11 @@ def bn_response_stds(bns: list, before: torch.Tensor, after: torch.Tensor,
     over eps: a 2% error in a response_std was seen). So ``invstd`` (C-vector, NaN where
     unknown), the 1/sqrt(v + eps) that BatchNorm itself computed and saved for backward, gives
     v / (v + eps) = 1 - eps * invstd^2 wherever it is known, with an absolute error of about
-    1e-7. gamma and beta are read from the modules
+    1e-7. Where every channel's invstd is known (no NaN), ``before`` and ``after`` may be None.
+    gamma and beta are read from the modules
     (unchanged until the optimizer step); per-BatchNorm sums go by ``index_add`` over the
     channel-to-BatchNorm ``segment`` index.
     """
-    if k.select is not None:
-        before, after = before.index_select(0, k.select), after.index_select(0, k.select)
-    before, after = before.float(), after.float()
     with torch.no_grad():  # read through the dicts: no Module.__getattr__ call per BatchNorm
         gamma = torch.cat([w if (w := bn._parameters.get("weight")) is not None
                            else torch.ones_like(bn._buffers["running_var"])
@@ -124,16 +122,24 @@ def bn_response_stds(bns: list, before: torch.Tensor, after: torch.Tensor,
                           else torch.zeros_like(bn._buffers["running_var"])
                           for bn in bns]).float()
     n_bn = k.channels.numel()
-    var = ((after - (1 - k.momentum) * before) / k.momentum * ((k.count - 1) / k.count))
-    var = var.clamp_min(0)
     beta_mean = torch.zeros(n_bn, device=beta.device).index_add_(0, k.segment, beta) / k.channels
-    frac = var / (var + k.eps)
-    if invstd is not None:
-        if invstd.numel() != frac.numel():
-            raise ValueError(f"invstd holds {invstd.numel()} channels, the BatchNorms "
-                             f"{frac.numel()}")
-        inv = invstd.float()
-        frac = torch.where(torch.isnan(inv), frac, (1 - k.eps * inv.square()).clamp_min(0))
+    if invstd is not None and invstd.numel() != gamma.numel():
+        raise ValueError(f"invstd holds {invstd.numel()} channels, the BatchNorms "
+                         f"{gamma.numel()}")
+    if before is None or after is None:  # every channel's invstd known (no NaN)
+        if invstd is None:
+            raise ValueError("without running variances, invstd is needed")
+        frac = (1 - k.eps * invstd.float().square()).clamp_min(0)
+    else:
+        if k.select is not None:
+            before, after = before.index_select(0, k.select), after.index_select(0, k.select)
+        before, after = before.float(), after.float()
+        var = ((after - (1 - k.momentum) * before) / k.momentum * ((k.count - 1) / k.count))
+        var = var.clamp_min(0)
+        frac = var / (var + k.eps)
+        if invstd is not None:
+            inv = invstd.float()
+            frac = torch.where(torch.isnan(inv), frac, (1 - k.eps * inv.square()).clamp_min(0))
     within = gamma.square() * frac
     between = (beta - beta_mean[k.segment]).square()
     total = torch.zeros(n_bn, device=beta.device).index_add_(0, k.segment, within + between)

@@ -182,6 +182,7 @@ class Probe:
         self._store: dict[tuple[str, str], torch.Tensor] = {}
         self._cols: dict[tuple[str, str], tuple[int, ...]] = {}
         self._sums = SumTable()
+        self._sums_plan: tuple | None = None  # _settle_sums's columns, by the last step's keys
         # Per-sample shortcut norms awaiting the block's hook (eager path).
         self._shortcut_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
         # BatchNorm response_std, exact from C-vectors: the running variances of all stock
@@ -211,6 +212,8 @@ class Probe:
         # Modules with parameters of their own (which ones are read: see _params).
         self._param_modules = [(n, m) for n, m in named
                                if any(p is not None for p in m._parameters.values())]
+        # (a module's _parameters dict is its own for life: read through, not re-fetched)
+        self._param_dicts = [m._parameters for _, m in self._param_modules]
         linears = [n for n, m in named if isinstance(m, nn.Linear)]
         final_linear = linears[-1] if linears else None
         self._response_modules = [(n, m) for n, m in named
@@ -677,9 +680,13 @@ class Probe:
                     layout, None if whole else channels)
             invstd = None
             if inv:  # C-vectors in run's order; NaN where a BatchNorm's node saved none
-                invstd = torch.cat([t if (t := inv.get(n)) is not None and t.numel() == c
-                                    else torch.full((c,), float("nan"), device=end.device)
-                                    for n, c in zip(run, key[1], strict=True)])
+                saved = [t if (t := inv.get(n)) is not None and t.numel() == c else None
+                         for n, c in zip(run, key[1], strict=True)]
+                if all(t is not None for t in saved):  # every one: no running variances needed
+                    start = end = None
+                invstd = torch.cat([torch.full((c,), float("nan"), device=end.device)
+                                    if t is None else t
+                                    for t, c in zip(saved, key[1], strict=True)])
             parts.append(M.bn_response_stds(mods, start, end, consts, invstd))
             names += list(run)
         return (names, torch.cat(parts)) if parts else None
@@ -688,34 +695,51 @@ class Probe:
         """Every metric whose per-sample sums the kernels wrote this step, a few vectorized ops
         per metric over the table's columns: (layers, metric, values) groups."""
         table = self._sums.filled()
-        items = list(self._cols.items())
+        items = tuple(self._cols.items())
         self._cols.clear()
-        groups: list[tuple[list[str], str, torch.Tensor]] = []
         if not items:
-            return groups
+            return []
+        plan = self._sums_plan
+        if plan is None or plan[0] != items:  # (the columns normally repeat from step to step)
+            plan = self._sums_plan = (items, self._plan_sums(items))
+        index, grads, res, diff, gaps = plan[1]
+        picked = table.index_select(1, index)  # every column read below, in one gather
+        at = 0
 
-        def pick(entries, i):
-            return table.index_select(1, torch.tensor([e[1][i] for e in entries]))
+        def take(names):
+            nonlocal at
+            at += len(names)
+            return picked[:, at - len(names):at]
 
-        grads = [e for e in items if e[0][1] == "response_grad_norm"]
+        groups: list[tuple[list[str], str, torch.Tensor]] = []
         if grads:
-            groups.append(([k[0] for k, _ in grads], "response_grad_norm",
-                           pick(grads, 0).sum(0).sqrt()))
-        res = [e for e in items if e[0][1] == "residual_stats"]
+            groups.append((grads, "response_grad_norm", take(grads).sum(0).sqrt()))
         if res:
-            ff, ss, third = pick(res, 0), pick(res, 1), pick(res, 2)
+            ff, ss, third = take(res), take(res), take(res)
             # gradlab's relu blocks take the addrelu pass (third column <F, t>), all other
             # blocks the pair pass (third column <F, s>).
-            diff = torch.tensor([k[0] in self._relu_blocks for k, _ in res])
             dot = torch.where(diff, third - ff, third)  # <F, t> - ||F||^2, or <F, s>
             ratio, cosine = M.ratio_cosine(ff, ss, dot)
-            names = [k[0] for k, _ in res]
-            groups += [(names, "residual_ratio", ratio), (names, "residual_cosine", cosine)]
-        gaps = [e for e in items if e[0][1] == "identity_gap"]
+            groups += [(res, "residual_ratio", ratio), (res, "residual_cosine", cosine)]
         if gaps:
-            groups.append(([k[0] for k, _ in gaps], "identity_gap",
-                           M.identity_gap_sq(pick(gaps, 0), pick(gaps, 1))))
+            groups.append((gaps, "identity_gap", M.identity_gap_sq(take(gaps), take(gaps))))
         return groups
+
+    def _plan_sums(self, items: tuple) -> tuple:
+        """For _settle_sums: the table's columns to gather (grads' ||g||^2; the blocks' ||F||^2,
+        ||s||^2 and third column; the gaps' ||h - x||^2 and ||x||^2, in that order), the layers
+        of each metric and which blocks' third column is <F, t>."""
+        by = {m: [(k[0], c) for k, c in items if k[1] == m]
+              for m in ("response_grad_norm", "residual_stats", "identity_gap")}
+        columns = [c[0] for _, c in by["response_grad_norm"]]
+        for metric, width in (("residual_stats", 3), ("identity_gap", 2)):
+            for i in range(width):
+                columns += [c[i] for _, c in by[metric]]
+        res = [n for n, _ in by["residual_stats"]]
+        return (torch.tensor(columns, dtype=torch.long),
+                [n for n, _ in by["response_grad_norm"]], res,
+                torch.tensor([n in self._relu_blocks for n in res], dtype=torch.bool),
+                [n for n, _ in by["identity_gap"]])
 
     def _scratch_like(self, t: torch.Tensor) -> torch.Tensor:
         key = (tuple(t.shape), t.stride(), t.dtype, t.device)
@@ -807,7 +831,7 @@ class Probe:
     def _params(self) -> list[nn.Parameter]:
         """The measured modules' own parameters, module by module, each once per module; sets
         ``self._owner`` (their module indices, gradients then parameters) when they change."""
-        dicts = [m._parameters for _, m in self._param_modules]
+        dicts = self._param_dicts
         slots = [p for d in dicts for p in d.values()]
         # Identities (None included) and per-module counts fix which slots to read and their
         # modules; C calls only, and the common case repeats the last step's key.
