@@ -281,6 +281,35 @@ def test_log_ignores_empty_steps_and_calls_after_close(tmp_path):
 
 
 
+@pytest.mark.parametrize("values", [
+    [0.5, -1.25, 3.0, 1e-3, 2.0], [0.0, 1.0], [2.5], [0.0], [-0.0, -0.0], [1e300, -1e300, 0.0],
+    list(np.random.default_rng(0).standard_normal(55)), [0.1] * 40])
+def test_histograms_are_encoded_as_the_protobuf_api_would(values):
+    """_histogram_value's bytes are exactly what the protobuf API serializes for the same
+    histogram (zero fields left out, -0.0 kept, one bucket, more values than buckets)."""
+    from tensorboard.compat.proto import summary_pb2
+
+    from gradlab.dashboard import _histogram_value
+
+    v = np.asarray(values, dtype=np.float64)
+    got = _histogram_value("residual_ratio/across_layers", v)
+    parsed = summary_pb2.Summary.FromString(got).value[0]
+    h = parsed.histo
+    lo, hi = float(v.min()), float(v.max())
+    assert (h.min, h.max, h.num) == (lo, hi, float(v.size))
+    assert h.sum == float(v.sum()) and h.sum_squares == float(np.dot(v, v))
+    assert sum(h.bucket) == v.size and len(h.bucket) == len(h.bucket_limit)
+    assert len(h.bucket) == (min(30, v.size) if hi > lo else 1)
+    if hi > lo:
+        assert h.bucket_limit[-1] == pytest.approx(hi) and list(h.bucket_limit) == sorted(
+            h.bucket_limit)
+    want = summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag="residual_ratio/across_layers", histo=summary_pb2.HistogramProto(
+            min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
+            bucket_limit=list(h.bucket_limit), bucket=list(h.bucket)))])
+    assert got == want.SerializeToString()
+
+
 def test_scalars_are_encoded_as_the_protobuf_api_would(tmp_path):
     """The pre-encoded scalar Summary parses back to exactly the messages the protobuf API
     builds (tags of any length and script, float32 rounding, inf, NaN, -0, overflow), also when
