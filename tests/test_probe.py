@@ -459,6 +459,29 @@ def test_response_std_from_running_variances_where_no_invstd_was_saved(batch,
         pd.testing.assert_series_equal(got.sort_index(), exact.sort_index(), rtol=1e-3)
     assert len(calls) == 19  # every BatchNorm asked, none cached
 
+    # A forward after one where every BatchNorm saved its invstd reads no running variances; a
+    # BatchNorm that then saves none is measured by a pass over its output, and the forward
+    # after that reads them again.
+    model = build("resnet20")
+    with Probe(model) as probe:
+        reads = []
+        real_reads = probe._running_vars
+        monkeypatch.setattr(probe, "_running_vars", lambda: reads.append(1) or real_reads())
+        got = []
+        for saves in (None, None, lambda node: False, lambda node: False, None, None):
+            with monkeypatch.context() as m:
+                if saves is not None:
+                    m.setattr(probe_module, "_INVSTD_NODES", {})
+                    m.setattr(probe_module, "_saves_invstd", saves)
+                reads.append(0)
+                step(model, *batch)
+                f = probe.collect()
+            got.append(f[f.metric == "response_std"].set_index("layer").value.sort_index())
+    # (forward by forward: the running variances read at its start and end, or not)
+    assert "".join(map(str, reads)).split("0")[1:] == ["11", "", "", "11", "11", ""]
+    for g in got:
+        pd.testing.assert_series_equal(g, exact.sort_index(), rtol=1e-3)
+
 
 def test_nested_probes(batch) -> None:
     model = build("resnet20")

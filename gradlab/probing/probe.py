@@ -185,14 +185,19 @@ class Probe:
         self._sums_plan: tuple | None = None  # _settle_sums's columns, by the last step's keys
         # Per-sample shortcut norms awaiting the block's hook (eager path).
         self._shortcut_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
-        # BatchNorm response_std, exact from C-vectors: the running variances of all stock
-        # BatchNorms are read in one cat when a recorded forward of the model starts and in
-        # another when it ends; the BatchNorms that ran once in between (name -> elements per
-        # channel, -1 if it ran twice) get response_std from those in snapshot(), all at once.
-        # Where the BatchNorm's autograd node saved its 1/sqrt(v + eps) (CPU and native CUDA
-        # kernels), that is kept too (name -> C-vector): v / (v + eps) then needs no difference
-        # of running variances, which cancels badly for a channel with v far below them.
+        # BatchNorm response_std, exact from C-vectors: the BatchNorms that ran once in a
+        # recorded forward of the model (name -> elements per channel, -1 if it ran twice) get
+        # response_std in snapshot(), all at once, from the 1/sqrt(v + eps) their autograd node
+        # saved (CPU and native CUDA kernels; name -> C-vector) or else from the change of their
+        # running variance, read for all stock BatchNorms in one cat when the forward starts and
+        # in another when it ends. The cats are skipped while every BatchNorm of the last
+        # recorded forward saved its invstd (on CPU, always); a BatchNorm that then saves none
+        # is measured by one pass over its output, and the next forward reads the variances.
+        # (invstd is also the more accurate: a difference of running variances cancels badly
+        # for a channel whose v is far below them.)
         self._in_forward = False
+        self._bn_exact = False  # inside a recorded forward, with stock BatchNorms
+        self._bn_vars = True  # whether a forward reads the running variances (see above)
         self._bn_start: torch.Tensor | None = None
         self._bn_run: dict[str, int] = {}
         self._bn_inv: dict[str, torch.Tensor] = {}
@@ -360,6 +365,7 @@ class Probe:
     def _reset_forward(self) -> None:
         """Forget what a forward left for its own later hooks (not the recorded values)."""
         self._in_forward = False
+        self._bn_exact = False
         self._bn_start = None
         self._bn_run = {}
         self._bn_inv = {}
@@ -431,7 +437,12 @@ class Probe:
         self._reset_forward()
         self._traced = torch.compiler.is_compiling()
         self._in_forward = self._recording()
-        self._bn_start = self._running_vars() if self._in_forward and self._bn_all else None
+        self._bn_exact = self._in_forward and bool(self._bn_all)
+        self._bn_start = None
+        if self._bn_exact:
+            if self._bn_vars:
+                self._bn_start = self._running_vars()
+            self._bn_vars = False  # (until a BatchNorm of this forward saves no invstd)
         if self._in_forward:
             self._compact()
         return None
@@ -441,13 +452,15 @@ class Probe:
             return None
         self._in_forward = False
         run = {n: c for n, c in self._bn_run.items() if c > 0}
-        if self._bn_start is not None and run and out is not None:
-            end = self._running_vars()
-            if end is not None:
+        if run and out is not None:
+            inv = {n: t for n, t in self._bn_inv.items() if n in run}
+            # (_bn_start None: each BatchNorm in run has its invstd, see the response hook)
+            end = self._running_vars() if self._bn_start is not None else None
+            if self._bn_start is None or end is not None:
                 self._drop_bn(*run)  # this forward's values replace earlier ones
-                inv = {n: t for n, t in self._bn_inv.items() if n in run}
                 self._bn_forwards.append((self._bn_start, end, run, inv))
         self._bn_start = None
+        self._bn_exact = False
         return None
 
     def _drop_bn(self, *names: str) -> None:
@@ -507,15 +520,21 @@ class Probe:
                 return None
             node = out.grad_fn  # (None when out needs no gradient)
             bn_run = self._bn_run
-            if (exact_bn and self._bn_start is not None and name not in bn_run
-                    and module.training and module.momentum):
-                # (momentum None, a cumulative average, or 0, no update: the running variance
-                # does not carry this batch's variance; the eager pass below measures it.)
-                # (_bn_start is set only inside a recorded forward of the model.)
+            exact = (exact_bn and self._bn_exact and name not in bn_run
+                     and module.training and module.momentum)
+            # (momentum None, a cumulative average, or 0, no update: the running variance does
+            # not carry this batch's variance; the eager pass below measures it.)
+            if exact:
+                inv = (node._saved_result2  # read now: backward frees it
+                       if node is not None and (_INVSTD_NODES.get(type(node))
+                                                or _saves_invstd(node)) else None)
+                if inv is not None:
+                    self._bn_inv[name] = inv
+                else:
+                    self._bn_vars = True  # the next forward reads the running variances
+                    exact = self._bn_start is not None  # (this one did, or: one pass below)
+            if exact:
                 bn_run[name] = out.numel() // out.shape[1]  # elements per channel
-                if node is not None and (_INVSTD_NODES.get(type(node)) or
-                                         _saves_invstd(node)):
-                    self._bn_inv[name] = node._saved_result2  # read now: backward frees it
             else:
                 # Not inside a recorded forward of the model, a second call within one, eval
                 # mode, another BatchNorm class or the final Linear: one pass over the output.
@@ -652,7 +671,8 @@ class Probe:
         return hook
 
     def _settle_all_bn(self) -> tuple[list[str], torch.Tensor] | None:
-        """response_std of every BatchNorm recorded from running variances, vectorized."""
+        """response_std of every BatchNorm recorded by the exact path (from its saved invstd or
+        its running variance), vectorized."""
         forwards = [f for f in self._bn_forwards if f[2]]
         self._bn_forwards.clear()
         names: list[str] = []
@@ -684,9 +704,11 @@ class Probe:
                          for n, c in zip(run, key[1], strict=True)]
                 if all(t is not None for t in saved):  # every one: no running variances needed
                     start = end = None
-                invstd = torch.cat([torch.full((c,), float("nan"), device=end.device)
+                # (NaN: from the running variances; without them, a node's invstd of the wrong
+                # size, which BatchNorm's own node never saves, gives a NaN response_std)
+                invstd = torch.cat([torch.full((c,), float("nan"), device=rv.device)
                                     if t is None else t
-                                    for t, c in zip(saved, key[1], strict=True)])
+                                    for t, c, rv in zip(saved, key[1], rvs, strict=True)])
             parts.append(M.bn_response_stds(mods, start, end, consts, invstd))
             names += list(run)
         return (names, torch.cat(parts)) if parts else None
