@@ -400,7 +400,8 @@ def test_no_hooks_left_after_an_exception_in_backward(batch) -> None:
     assert not hooks_left(model)
 
 
-@pytest.mark.parametrize("case", ["resnet20", "plain20", "resnet20-shortcutB-channels_last-eager"])
+@pytest.mark.parametrize("case", ["resnet20", "plain20", "resnet20-shortcutB",
+                                  "resnet20-shortcutB-channels_last-eager"])
 def test_block_hooks_record_what_forward_hooks_record(case, batch, monkeypatch) -> None:
     """gradlab's blocks are measured by one block hook each; forward hooks on bn1, bn2, the add
     and the block (the path any other model takes) record the same rows, to the bit."""
@@ -468,19 +469,69 @@ def test_response_std_from_running_variances_where_no_invstd_was_saved(batch,
         real_reads = probe._running_vars
         monkeypatch.setattr(probe, "_running_vars", lambda: reads.append(1) or real_reads())
         got = []
-        for saves in (None, None, lambda node: False, lambda node: False, None, None):
+        none = lambda node: False  # noqa: E731
+        for saves in (None, None, none, "eval", none, None, None):
             with monkeypatch.context() as m:
-                if saves is not None:
+                if callable(saves):
                     m.setattr(probe_module, "_INVSTD_NODES", {})
                     m.setattr(probe_module, "_saves_invstd", saves)
                 reads.append(0)
+                model.train(saves != "eval")  # (a forward in eval mode changes nothing here)
                 step(model, *batch)
                 f = probe.collect()
-            got.append(f[f.metric == "response_std"].set_index("layer").value.sort_index())
+            if saves != "eval":
+                got.append(f[f.metric == "response_std"].set_index("layer").value.sort_index())
     # (forward by forward: the running variances read at its start and end, or not)
-    assert "".join(map(str, reads)).split("0")[1:] == ["11", "", "", "11", "11", ""]
+    assert "".join(map(str, reads)).split("0")[1:] == ["11", "", "", "1", "11", "11", ""]
     for g in got:
         pd.testing.assert_series_equal(g, exact.sort_index(), rtol=1e-3)
+
+
+def test_a_block_with_an_inplace_relu_keeps_the_forward_hooks(batch) -> None:
+    """An in-place ReLU would change bn1's output (or the sum) before the block hook ran: such a
+    block is measured by forward hooks, with the values of the same block without it."""
+    def frame(inplace: bool) -> tuple[pd.DataFrame, int]:
+        model = build("resnet20")
+        if inplace:
+            model.layer1[1].relu1 = nn.ReLU(inplace=True)
+            model.layer2[0].relu2 = nn.ReLU(inplace=True)
+        with Probe(model) as probe:
+            blocks = sum(len(b._block_hooks) for b in model.modules()
+                         if isinstance(b, BasicBlock))
+            step(model, *batch)
+            return probe.collect(), blocks
+
+    (plain, nine), (inplace, seven) = frame(False), frame(True)
+    assert (nine, seven) == (9, 7)
+    pd.testing.assert_frame_equal(inplace.sort_values(["layer", "metric"]).reset_index(drop=True),
+                                  plain.sort_values(["layer", "metric"]).reset_index(drop=True),
+                                  rtol=1e-6)
+
+
+def test_a_users_hook_on_a_response_shares_the_probes_hook_dict(batch) -> None:
+    """The probe's gradient hook sits in the response's own hook dict: a user's register_hook
+    on that tensor afterwards adds to it (both run, once each), and detach() removes only the
+    probe's."""
+    model = build("resnet20")
+    x, y = batch
+    seen = []
+    with Probe(model) as probe:
+        out = model(x)  # the final Linear's output: a response
+        out.register_hook(lambda g: seen.append(g.detach().clone()))
+        F.cross_entropy(out, y).backward()
+        f = probe.collect()
+    assert len(seen) == 1
+    fc = f[(f.layer == "fc") & (f.metric == "response_grad_norm")].value
+    assert len(fc) == 1 and fc.item() == pytest.approx(seen[0].norm().item(), rel=1e-5)
+
+    probe = Probe(model)
+    probe.attach()
+    out = model(x)
+    out.register_hook(lambda g: seen.append(g))
+    probe.detach()  # before backward: the probe's gradient hooks go, the user's stays
+    assert not hooks_left(model)
+    F.cross_entropy(out, y).backward()
+    assert len(seen) == 2 and not probe._cols and not probe._store
 
 
 def test_nested_probes(batch) -> None:

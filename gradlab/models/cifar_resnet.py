@@ -94,6 +94,16 @@ class BasicBlock(nn.Module):
         return handle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._block_hooks:
+            return self._forward_hooked(x)
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        if self.residual:
+            out = self.add(out, self.shortcut(x))
+        return self.relu2(out)
+
+    def _forward_hooked(self, x: torch.Tensor) -> torch.Tensor:
+        # The same ops in the same order, keeping the intermediates for the hooks (the plain
+        # forward lets each go as soon as the next op has read it).
         y1 = self.bn1(self.conv1(x))
         y2 = self.bn2(self.conv2(self.relu1(y1)))
         s = t = None
@@ -102,9 +112,8 @@ class BasicBlock(nn.Module):
             out = self.relu2(t := self.add(y2, s))
         else:
             out = self.relu2(y2)
-        if self._block_hooks:
-            for hook in tuple(self._block_hooks.values()):
-                hook(self, x, y1, y2, s, t, out)
+        for hook in tuple(self._block_hooks.values()):
+            hook(self, x, y1, y2, s, t, out)
         return out
 
 

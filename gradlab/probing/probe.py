@@ -142,7 +142,9 @@ class Probe:
     gradlab's own blocks are measured by one block hook each
     (:meth:`BasicBlock.register_block_hook`: the block's responses, shortcut, sum and output in
     one call), not by forward hooks on bn1, bn2, the add and the block, so a block's bn1 or bn2
-    called on its own, outside the block, is not measured.
+    called on its own, outside the block, is not measured (a block with an in-place ReLU gets
+    the forward hooks). ``response_grad_norm`` is the gradient that reaches the response before
+    any hook a user registers on that tensor after the probe's forward hook ran.
 
     Between two snapshots each module's values are those of its latest call: a module called
     twice in a forward reports its last call (both its response and the gradient reaching it),
@@ -198,6 +200,8 @@ class Probe:
         self._in_forward = False
         self._bn_exact = False  # inside a recorded forward, with stock BatchNorms
         self._bn_vars = True  # whether a forward reads the running variances (see above)
+        # This forward: whether a BatchNorm took the exact path, and one saved no invstd.
+        self._bn_seen = self._bn_missing = False
         self._bn_start: torch.Tensor | None = None
         self._bn_run: dict[str, int] = {}
         self._bn_inv: dict[str, torch.Tensor] = {}
@@ -337,8 +341,10 @@ class Probe:
             # gradlab's own blocks: one block hook does what forward hooks on bn1, bn2 (or the
             # add, which records bn2), and the block would, without PyTorch's slow path for a
             # module with hooks (four module calls fewer per block, each costly mid-step).
-            if not _BLOCK_HOOKS or type(block) is not BasicBlock:
-                continue
+            if not _BLOCK_HOOKS or type(block) is not BasicBlock or not all(
+                    type(r) is nn.ReLU and not r.inplace
+                    for r in (block.relu1, block.relu2)):
+                continue  # (an in-place ReLU would change y1 or t before the block hook runs)
             bn1, bn2 = _child(name, "bn1"), _child(name, "bn2")
             if responses.get(bn1) is not block.bn1 or responses.get(bn2) is not block.bn2:
                 continue
@@ -438,11 +444,8 @@ class Probe:
         self._traced = torch.compiler.is_compiling()
         self._in_forward = self._recording()
         self._bn_exact = self._in_forward and bool(self._bn_all)
-        self._bn_start = None
-        if self._bn_exact:
-            if self._bn_vars:
-                self._bn_start = self._running_vars()
-            self._bn_vars = False  # (until a BatchNorm of this forward saves no invstd)
+        self._bn_start = self._running_vars() if self._bn_exact and self._bn_vars else None
+        self._bn_seen = self._bn_missing = False  # (see _end_hook)
         if self._in_forward:
             self._compact()
         return None
@@ -461,6 +464,8 @@ class Probe:
                 self._bn_forwards.append((self._bn_start, end, run, inv))
         self._bn_start = None
         self._bn_exact = False
+        if self._bn_seen:  # whether the next forward reads the running variances
+            self._bn_vars = self._bn_missing
         return None
 
     def _drop_bn(self, *names: str) -> None:
@@ -528,16 +533,18 @@ class Probe:
                 inv = (node._saved_result2  # read now: backward frees it
                        if node is not None and (_INVSTD_NODES.get(type(node))
                                                 or _saves_invstd(node)) else None)
+                self._bn_seen = True
                 if inv is not None:
                     self._bn_inv[name] = inv
                 else:
-                    self._bn_vars = True  # the next forward reads the running variances
+                    self._bn_missing = True  # the next forward reads the running variances
                     exact = self._bn_start is not None  # (this one did, or: one pass below)
             if exact:
                 bn_run[name] = out.numel() // out.shape[1]  # elements per channel
             else:
                 # Not inside a recorded forward of the model, a second call within one, eval
-                # mode, another BatchNorm class or the final Linear: one pass over the output.
+                # mode, another BatchNorm class, the final Linear, or no invstd saved in a
+                # forward that read no running variances: one pass over the output.
                 if name in bn_run:
                     bn_run[name] = -1
                 self._drop_bn(name)
@@ -565,7 +572,9 @@ class Probe:
                     # dict of our own (an OrderedDict, as torch's: a later register_hook on
                     # the tensor adds to it and takes weak references to it) registered on the
                     # node by one C call. Cold, about 14 us against 50 for register_hook or
-                    # Node.register_prehook, 55 times per resnet56 step. Removed by popping _HOOK.
+                    # Node.register_prehook, 56 times per resnet56 step. Removed by popping _HOOK.
+                    # (It runs before any tensor hook added to the response later: a user's
+                    # register_hook on it after this forward hook goes into this dict.)
                     hooks = OrderedDict(((_HOOK, fn),))
                     out._backward_hooks = hooks
                     node._register_hook_dict(out)
