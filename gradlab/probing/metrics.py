@@ -109,10 +109,9 @@ def bn_response_stds(bns: list, before: torch.Tensor | None, after: torch.Tensor
     over eps: a 2% error in a response_std was seen). So ``invstd`` (C-vector, NaN where
     unknown), the 1/sqrt(v + eps) that BatchNorm itself computed and saved for backward, gives
     v / (v + eps) = 1 - eps * invstd^2 wherever it is known, with an absolute error of about
-    1e-7. Where every channel's invstd is known (no NaN), ``before`` and ``after`` may be None.
-    gamma and beta are read from the modules
-    (unchanged until the optimizer step); per-BatchNorm sums go by ``index_add`` over the
-    channel-to-BatchNorm ``segment`` index.
+    1e-7; where every channel's is known (no NaN), ``before`` and ``after`` may be None. gamma
+    and beta are read from the modules (unchanged until the optimizer step); per-BatchNorm sums
+    go by ``index_add`` over the channel-to-BatchNorm ``segment`` index.
     """
     with torch.no_grad():  # read through the dicts: no Module.__getattr__ call per BatchNorm
         gamma = torch.cat([w if (w := bn._parameters.get("weight")) is not None
