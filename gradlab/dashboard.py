@@ -216,10 +216,10 @@ def _histogram_value(tag: str, values: np.ndarray) -> bytes:
         counts, edges = np.array([n]), np.array([hi + 0.5 * (abs(hi) or 1.0)])
     # HistogramProto: min 1, max 2, num 3, sum 4, sum_squares 5 (double: wire type 1),
     # bucket_limit 6 and bucket 7 (packed doubles: wire type 2).
-    histo = b"".join(bytes((field << 3 | 1,)) + struct.pack("<d", v)
+    histo = b"".join(bytes((field << 3 | 1,)) + packed
                      for field, v in enumerate((lo, hi, float(n), float(values.sum()),
                                                 float(np.dot(values, values))), 1)
-                     if struct.pack("<d", v) != _ZERO)
+                     if (packed := struct.pack("<d", v)) != _ZERO)
     for field, array in ((6, edges), (7, counts)):
         packed = np.ascontiguousarray(array, dtype="<f8").tobytes()
         histo += bytes((field << 3 | 2,)) + _varint(len(packed)) + packed

@@ -334,6 +334,11 @@ def hook_count(model: nn.Module) -> int:
                for a in ("_forward_hooks", "_forward_pre_hooks", "_block_hooks"))
 
 
+def by_row(frame: pd.DataFrame) -> pd.DataFrame:
+    """A probe's rows in (layer, metric) order, to compare frames whose row order may differ."""
+    return frame.sort_values(["layer", "metric"]).reset_index(drop=True)
+
+
 def step(model: nn.Module, x, y) -> torch.Tensor:
     loss = F.cross_entropy(model(x), y)
     loss.backward()
@@ -424,9 +429,7 @@ def test_block_hooks_record_what_forward_hooks_record(case, batch, monkeypatch) 
     assert blocks == 9 and none == 0
     assert set(observed.metric) >= {"response_std", "response_grad_norm", "identity_gap"}
     # (the rows' order may differ: a block hook records bn1 after the block's shortcut ran)
-    def rows(f):
-        return f.sort_values(["layer", "metric"]).reset_index(drop=True)
-    pd.testing.assert_frame_equal(rows(observed), rows(hooked))
+    pd.testing.assert_frame_equal(by_row(observed), by_row(hooked))
 
 
 def test_response_std_from_running_variances_where_no_invstd_was_saved(batch,
@@ -503,9 +506,7 @@ def test_a_block_with_an_inplace_relu_keeps_the_forward_hooks(batch) -> None:
 
     (plain, nine), (inplace, seven) = frame(False), frame(True)
     assert (nine, seven) == (9, 7)
-    pd.testing.assert_frame_equal(inplace.sort_values(["layer", "metric"]).reset_index(drop=True),
-                                  plain.sort_values(["layer", "metric"]).reset_index(drop=True),
-                                  rtol=1e-6)
+    pd.testing.assert_frame_equal(by_row(inplace), by_row(plain), rtol=1e-6)
 
 
 def test_a_users_hook_on_a_response_shares_the_probes_hook_dict(batch) -> None:
@@ -949,9 +950,7 @@ def test_values_after_a_failed_forward_and_after_many_forwards_without_a_snapsho
             twin(x)
         step(twin, x, y)
         want = probe.collect()
-    pd.testing.assert_frame_equal(got.sort_values(["layer", "metric"]).reset_index(drop=True),
-                                  want.sort_values(["layer", "metric"]).reset_index(drop=True),
-                                  rtol=1e-5)
+    pd.testing.assert_frame_equal(by_row(got), by_row(want), rtol=1e-5)
     seen = {}
     handle = model.bn1.register_forward_hook(
         lambda m, a, o: seen.__setitem__("s", o.detach().double().std()))
