@@ -501,6 +501,104 @@ def test_extension_entry_matches_ctypes_and_checks_layouts_itself() -> None:
     torch.testing.assert_close(sums[:, 1], reference("sq", x, None)[0], rtol=2e-6, atol=0)
 
 
+def _same_values(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """The same layout and values to the bit (any NaN matching any NaN: ATen itself writes
+    different bf16 NaNs in its vector and scalar loops)."""
+    if x.shape != y.shape or x.stride() != y.stride() or x.dtype != y.dtype:
+        return False
+    bits = torch.int16 if x.dtype == torch.bfloat16 else torch.int32
+    nx, ny = x.isnan(), y.isnan()
+    return torch.equal(nx, ny) and torch.equal(x.masked_fill(nx, 0).view(bits),
+                                               y.masked_fill(ny, 0).view(bits))
+
+
+def _with_specials(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """t with zeros of both signs, infinities, NaNs, subnormals and near-overflow values
+    scattered through it (in the vector loops and the scalar tails alike)."""
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -1e-40, 3e38,
+                             -3e38])
+    flat = t.clone().reshape(-1)
+    k = max(1, flat.numel() // 8)
+    where = torch.randint(0, flat.numel(), (k,), generator=g)
+    flat[where] = specials[torch.randint(0, len(specials), (k,), generator=g)].to(t.dtype)
+    return flat.reshape(t.shape)
+
+
+@pytest.mark.skipif(not fused._python_flags(), reason="no Python headers: ctypes only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_that_write_give_atens_values_and_the_reading_kernels_sums(dtype) -> None:
+    """addrelu_out writes relu(a + b) and relugrad threshold_backward(g, out, 0) exactly as
+    ATen computes them (bf16 rounding of the sum, -0, NaN, infinities, subnormals; NCHW and
+    channels_last; SIMD tails), and their sums are those of addrelu over (a, a + b) and of sq
+    over the gradient, to the bit: a logged step computes what an unlogged one does."""
+    assert kernels.load(required=True) and kernels.run_out is not None
+    g = torch.Generator().manual_seed(11)
+    for shape in SHAPES + [(128, 16, 32, 32)]:
+        layouts = [lambda t: t]
+        if len(shape) == 4:
+            layouts.append(lambda t: t.contiguous(memory_format=torch.channels_last))
+        for layout in layouts:
+            a, b, grad = (layout(torch.randn(shape, generator=g).to(dtype)) for _ in range(3))
+            table = SumTable()
+            out, gi = torch.empty_like(a), torch.empty_like(grad)
+            col = table.run_out("addrelu_out", a, b, out)
+            ref_out = torch.relu(a + b)
+            assert _same_values(out, ref_out), (shape, dtype)
+            gcol = table.run_out("relugrad", grad, ref_out, gi)
+            assert _same_values(gi, torch.ops.aten.threshold_backward(grad, ref_out, 0))
+            want, gwant = table.run2("addrelu", a, a + b), table.sq(gi)
+            sums = table.filled()
+            assert (col, gcol, want, gwant) == (0, 4, 5, 9)
+            assert torch.equal(sums[:, col:col + 4], sums[:, want:want + 4]), (shape, dtype)
+            assert torch.equal(sums[:, gcol], sums[:, gwant]), (shape, dtype)
+            # The special values: written as ATen writes them.
+            a, b, grad = (_with_specials(t, g) for t in (a, b, grad))
+            out = torch.empty_like(a)
+            assert table.run_out("addrelu_out", a, b, out) == 0
+            ref_out = torch.relu(a + b)
+            assert _same_values(out, ref_out), (shape, dtype)
+            ref_out = _with_specials(ref_out, g)  # (-0 and NaN among the outputs too)
+            gi = torch.empty_like(grad)
+            assert table.run_out("relugrad", grad, ref_out, gi) == 4
+            assert _same_values(gi, torch.ops.aten.threshold_backward(grad, ref_out, 0))
+            table.filled()
+
+
+@pytest.mark.skipif(not fused._python_flags(), reason="no Python headers: ctypes only")
+def test_kernels_that_write_refuse_what_they_cannot_take_and_write_nothing() -> None:
+    assert kernels.load(required=True)
+    x = torch.randn(4, 8, 6, 6)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    table = SumTable()
+    assert table.take(4, 1) == 0
+    for why, (a, b, dst) in {
+            "layouts": (x, cl, torch.empty_like(x)),
+            "destination's layout": (x, x, torch.empty_like(cl)),
+            "destination's dtype": (x, x, torch.empty_like(x, dtype=torch.bfloat16)),
+            "dtypes": (x, x.bfloat16(), torch.empty_like(x)),
+            "float64": (x.double(), x.double(), torch.empty_like(x.double())),
+            "strided": (x[:, ::2], x[:, ::2], torch.empty_like(x)[:, ::2]),
+            "expanded": (x[:, :1].expand(4, 8, 6, 6), x, torch.empty_like(x)),
+            "negative view": (torch._neg_view(x), x, torch.empty_like(x)),
+            "batch size": (x[:2], x[:2], torch.empty_like(x[:2]))}.items():
+        dst_before = dst.clone()
+        for name in ("addrelu_out", "relugrad"):
+            assert table.run_out(name, a, b, dst) is None, (why, name)
+            assert table.used == 1, why  # no column reserved
+        assert torch.equal(dst.nan_to_num(0), dst_before.nan_to_num(0)), why
+    run = kernels.run_out
+    dl = torch.utils.dlpack.to_dlpack
+    ptr = table.table.data_ptr()
+    dst = torch.empty_like(x)
+    assert run(0, dl(x), dl(x), dl(dst), ptr, 4, table._cap, 1, 1) == -1  # a reading kernel
+    assert run(4, dl(x), dl(x), None, ptr, 4, table._cap, 1, 1) == -1  # no destination
+    assert kernels.fast(4, dl(x), dl(x), ptr, 4, table._cap, 1, 1) == -1  # not through run()
+    with pytest.raises(TypeError):
+        run(4, dl(x), dl(x), dl(dst), ptr, 4, table._cap, 1)
+    assert table.run_out("addrelu_out", x, x, dst) == 1
+    assert torch.equal(dst, torch.relu(x + x))
+
+
 @pytest.mark.skipif(not fused._python_flags(), reason="no Python headers: ctypes only")
 def test_gradient_hook_in_c_matches_the_python_hook_and_hands_it_the_rest(batch,
                                                                          monkeypatch) -> None:

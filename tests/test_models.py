@@ -243,6 +243,69 @@ def test_block_hooks_see_what_forward_hooks_on_the_submodules_see(name: str,
     assert all(len(c) == 1 for c in calls.values())  # removed: not called again
 
 
+def test_a_block_hooks_sum_relu_replaces_add_and_relu2_only_where_nothing_else_sees_them() -> None:
+    """register_block_hook(..., sum_relu=f): f(block, y2, shortcut) computes relu2(add(y2, s))
+    (its result is the block's output, the hook then gets total=None) while it belongs to the
+    block's only hook and add and relu2 are stock, hook-free modules; None from f, another
+    block hook, a hook on add or relu2, a global module hook or an in-place ReLU: the modules."""
+    torch.manual_seed(0)
+    model = create_model("resnet20").train()
+    block = model.layer2[1]
+    x = torch.randn(2, 32, 8, 8)
+    want = block(x)
+    fused: list = []
+
+    def sum_relu(b, y2, s):
+        fused.append(b)
+        return torch.relu(y2 + s)
+
+    seen: list = []
+    handle = block.register_block_hook(lambda *a: seen.append(a), sum_relu=sum_relu)
+
+    def run() -> tuple[bool, object]:
+        fused.clear()
+        seen.clear()
+        out = block(x)
+        assert torch.equal(out, want) and len(seen) == 1 and seen[0][-1] is out
+        return bool(fused), seen[0][5]
+
+    assert run() == (True, None)
+    other = block.register_block_hook(lambda *a: None)
+    used, total = run()
+    assert not used and torch.equal(total, seen[0][3] + seen[0][4])
+    other.remove()
+    for mod in (block.add, block.relu2):
+        for register in (mod.register_forward_hook, mod.register_forward_pre_hook):
+            h = register(lambda *a: None)
+            assert not run()[0]
+            h.remove()
+        h = mod.register_full_backward_hook(lambda *a: None)
+        assert not run()[0]
+        h.remove()
+    h = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not run()[0]
+    finally:
+        h.remove()
+    block.relu2.inplace = True
+    assert not run()[0]
+    block.relu2.inplace = False
+    assert run()[0]
+    handle.remove()
+    assert not block._block_hooks and not block._sum_relus
+    # A sum_relu that declines: the modules compute it.
+    handle = block.register_block_hook(lambda *a: seen.append(a), sum_relu=lambda *a: None)
+    seen.clear()
+    assert torch.equal(block(x), want) and seen[0][5] is not None
+    handle.remove()
+    # A plain block has no sum: its sum_relu is never called.
+    plain = create_model("plain20").layer1[0]
+    plain.register_block_hook(lambda *a: None, sum_relu=sum_relu)
+    fused.clear()
+    plain(torch.randn(2, 16, 8, 8))
+    assert fused == []
+
+
 # -- initialization ----------------------------------------------------------------------------
 def test_kaiming_normal_init() -> None:
     torch.manual_seed(0)

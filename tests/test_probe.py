@@ -432,6 +432,122 @@ def test_block_hooks_record_what_forward_hooks_record(case, batch, monkeypatch) 
     pd.testing.assert_frame_equal(by_row(observed), by_row(hooked))
 
 
+@pytest.mark.parametrize("amp, channels_last", [(False, False), (True, True), (True, False)],
+                         ids=["float32", "bf16-channels_last", "bf16"])
+def test_logged_blocks_add_and_relu_in_one_measuring_pass_and_train_the_same(
+        amp: bool, channels_last: bool, batch, monkeypatch) -> None:
+    """On a logged CPU step each residual block computes relu(F + s) with the kernel that also
+    measures it (_AddReLU), and ReLU's gradient with the one that measures bn2's gradient:
+    the loss, every parameter's gradient and the block outputs are those of an unprobed twin to
+    the bit; where the gradient arrives in another layout than the output (the last block of a
+    stage under channels_last) ATen computes it and the Python hook
+    measures it; response_grad_norm is autograd's either way."""
+    import gradlab.probing.probe as probe_module
+
+    aten_grads = []
+    threshold_backward = probe_module._threshold_backward
+
+    def counted(*args):
+        aten_grads.append(args[0].shape)
+        return threshold_backward(*args)
+
+    monkeypatch.setattr(probe_module, "_threshold_backward", counted)
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1).train()
+    x, y = batch
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    twin = copy.deepcopy(model)
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    outs: list[torch.Tensor] = []
+    for b in blocks:
+        b.register_forward_hook(lambda m, a, o: outs.append(o))
+    twin_outs: list[torch.Tensor] = []
+    for b in twin.modules():
+        if isinstance(b, BasicBlock):
+            b.register_forward_hook(lambda m, a, o: twin_outs.append(o))
+    with Probe(model) as probe, torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        frame = probe.collect()
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        twin_bn2 = {}
+        for n, b in twin.named_modules():
+            if isinstance(b, BasicBlock):
+                b.bn2.register_forward_hook(
+                    lambda m, a, o, n=n: twin_bn2.__setitem__(n, o))
+        twin_loss = F.cross_entropy(twin(x), y)
+        names = list(twin_bn2)
+        grads_y2 = dict(zip(names, torch.autograd.grad(
+            twin_loss, [twin_bn2[n] for n in names], retain_graph=True), strict=True))
+        twin_loss.backward()
+    assert all(type(o.grad_fn).__name__ == "_AddReLUBackward" for o in outs)
+    assert len(outs) == len(twin_outs) == 9
+    assert torch.equal(loss, twin_loss)
+    for o, t in zip(outs, twin_outs, strict=True):
+        assert torch.equal(o, t) and o.stride() == t.stride()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), n
+    # The last block of each stage gets its gradient NCHW under channels_last (from the next
+    # stage's ShortcutA, or from the pooling).
+    assert len(aten_grads) == (3 if channels_last else 0)
+    got = rows(frame, "response_grad_norm")
+    for n, g in grads_y2.items():
+        assert math.isclose(got[f"{n}.bn2"], g.double().norm().item(), rel_tol=1e-5), n
+
+
+def test_fused_blocks_under_double_backward_and_called_twice(batch) -> None:
+    """create_graph=True: ReLU's gradient is ATen's (differentiable), measured by the Python
+    hook, and second derivatives are those of an unprobed twin. A block called twice in one
+    forward reports its last call's bn2 gradient (backward reaches the first call later)."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1).train()
+    twin = copy.deepcopy(model)
+    x, y = batch
+    with Probe(model) as probe:
+        loss = F.cross_entropy(model(x), y)
+        params = list(model.parameters())
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        penalty.backward()
+        frame = probe.collect()
+    twin_loss = F.cross_entropy(twin(x), y)
+    twin_params = list(twin.parameters())
+    twin_grads = torch.autograd.grad(twin_loss, twin_params, create_graph=True)
+    sum(g.pow(2).sum() for g in twin_grads).backward()
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p.grad, q.grad)
+    assert rows(frame, "response_grad_norm").notna().all()
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 16, 3, padding=1)
+            self.block = BasicBlock(16, 16)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.head(self.block(self.block(self.stem(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Twice().train()
+    twin = copy.deepcopy(model)
+    outs: list[torch.Tensor] = []
+    model.block.register_forward_hook(lambda m, a, o: outs.append(o))
+    with Probe(model) as probe:
+        F.cross_entropy(model(x), y).backward()
+        frame = probe.collect()
+    assert [type(o.grad_fn).__name__ for o in outs] == ["_AddReLUBackward"] * 2
+    twin_seen: list[torch.Tensor] = []
+    twin.block.bn2.register_forward_hook(lambda m, a, o: twin_seen.append(o))
+    loss = F.cross_entropy(twin(x), y)
+    first, last = torch.autograd.grad(loss, twin_seen)
+    assert not math.isclose(first.norm().item(), last.norm().item(), rel_tol=1e-3)
+    assert math.isclose(rows(frame, "response_grad_norm")["block.bn2"],
+                        last.double().norm().item(), rel_tol=1e-5)
+
+
 def test_response_std_from_running_variances_where_no_invstd_was_saved(batch,
                                                                        monkeypatch) -> None:
     """response_std takes BatchNorm's saved 1/sqrt(v + eps) where its node kept one (all of

@@ -77,20 +77,37 @@ class BasicBlock(nn.Module):
             self.add = ResidualAdd()
         self.relu2 = nn.ReLU()
 
-    # Block hooks (register_block_hook); a class-level empty default until the first one.
+    # Block hooks (register_block_hook) and their sum_relu callables; class-level empty defaults
+    # until the first one.
     _block_hooks: OrderedDict | tuple = ()
+    _sum_relus: OrderedDict | tuple = ()
 
-    def register_block_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+    def register_block_hook(self, hook: Callable[..., None], *,
+                            sum_relu: Callable[..., torch.Tensor | None] | None = None
+                            ) -> RemovableHandle:
         """Call ``hook(block, x, y1, y2, shortcut, total, out)`` after each forward, with the
         block's input, its two BN responses (before the ReLU / the addition), the shortcut and
         the sum that ``add`` computed (both None in a plain block) and its output. One call
         gives everything that forward hooks on bn1, bn2, add and the block would see one by
         one, for a fraction of their cost: the probe measures gradlab's blocks this way. The
-        hook must not modify the tensors; ``handle.remove()`` removes it."""
+        hook must not modify the tensors; ``handle.remove()`` removes it.
+
+        ``sum_relu(block, y2, shortcut)``, optional: computes ``relu2(add(y2, shortcut))`` in
+        place of those two modules, or returns None to leave it to them. The probe computes the
+        sum and the ReLU in one pass that also measures them. It is used only in a residual
+        block whose ``add`` and ``relu2`` are a stock ResidualAdd and a non-in-place ReLU with no
+        hooks (module or global: nothing else could see the sum), and only while its hook is the
+        block's only one; the hook then gets ``total=None`` (the sum is never stored).
+        """
         if not isinstance(self._block_hooks, OrderedDict):
             self._block_hooks = OrderedDict()
-        handle = RemovableHandle(self._block_hooks)
+        if sum_relu is not None and not isinstance(self._sum_relus, OrderedDict):
+            self._sum_relus = OrderedDict()  # (weakly referenced by the handles, as hooks)
+        extra = self._sum_relus if sum_relu is not None else None
+        handle = RemovableHandle(self._block_hooks, extra_dict=extra)
         self._block_hooks[handle.id] = hook
+        if sum_relu is not None:
+            self._sum_relus[handle.id] = sum_relu
         return handle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,17 +121,41 @@ class BasicBlock(nn.Module):
     def _forward_hooked(self, x: torch.Tensor) -> torch.Tensor:
         # The same ops in the same order, keeping the intermediates for the hooks (the plain
         # forward lets each go as soon as the next op has read it).
+        hooks = tuple(self._block_hooks.values())
         y1 = self.bn1(self.conv1(x))
         y2 = self.bn2(self.conv2(self.relu1(y1)))
-        s = t = None
+        s = t = out = None
         if self.residual:
             s = self.shortcut(x)
-            out = self.relu2(t := self.add(y2, s))
+            sum_relu = self._sum_relus.get(next(iter(self._block_hooks))) if (
+                len(hooks) == 1 and self._sum_relus) else None
+            if sum_relu is not None and self._plain_add_relu():
+                out = sum_relu(self, y2, s)
+            if out is None:
+                out = self.relu2(t := self.add(y2, s))
         else:
             out = self.relu2(y2)
-        for hook in tuple(self._block_hooks.values()):
+        for hook in hooks:
             hook(self, x, y1, y2, s, t, out)
         return out
+
+    def _plain_add_relu(self) -> bool:
+        """Whether relu2(add(y2, s)) is exactly relu(y2 + s) with nothing else seeing the sum:
+        stock modules, the ReLU not in place, no module or global hooks."""
+        add, relu = self.add, self.relu2
+        return (type(add) is ResidualAdd and type(relu) is nn.ReLU and not relu.inplace
+                and not (add._forward_hooks or add._forward_pre_hooks or add._backward_hooks
+                         or add._backward_pre_hooks or relu._forward_hooks
+                         or relu._forward_pre_hooks or relu._backward_hooks
+                         or relu._backward_pre_hooks)
+                and not _global_module_hooks())
+
+
+def _global_module_hooks() -> bool:
+    """Whether any global module hook is registered (``nn.modules.module.register_module_*``)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
 class CifarResNet(nn.Module):

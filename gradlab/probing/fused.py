@@ -79,7 +79,9 @@ __all__ = ["KERNELS", "Kernels", "SumTable", "kernels", "dense_per_sample"]
 
 #: kernel name -> number of per-sample sums it returns
 KERNELS = {"sq": 1, "pair": 4, "gap": 2, "addrelu": 4}
-_KIND = {name: i for i, name in enumerate(KERNELS)}  # the extension's kernel numbers
+#: kernels that also write a tensor (extension only): name -> number of per-sample sums
+OUT_KERNELS = {"addrelu_out": 4, "relugrad": 1}
+_KIND = {name: i for i, name in enumerate([*KERNELS, *OUT_KERNELS])}  # the extension's numbers
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -277,6 +279,7 @@ class Kernels:
         self._lock = threading.Lock()
         self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] | None = None
         self.fast = None
+        self.run_out = None
         self.grad_sq = None
         self.failed: str | None = None
 
@@ -305,6 +308,7 @@ class Kernels:
                             fns[("sqlist", dtype)] = fn
                         ext = _extension(lib)
                         self.fast = None if ext is None else ext.run
+                        self.run_out = None if ext is None else ext.run_out
                         self.grad_sq = None if ext is None else ext.grad_sq
                         self._fns = fns
                     except Exception as e:  # noqa: BLE001 - any build failure means: eager
@@ -466,6 +470,34 @@ class SumTable:
         if torch.compiler.is_compiling() or not _layout_ok((a, b)):
             return None
         return self._launch(name, a, b)
+
+    def run_out(self, name: str, a: torch.Tensor, b: torch.Tensor,
+                dst: torch.Tensor) -> int | None:
+        """Kernel ``name`` of :data:`OUT_KERNELS`, which writes ``dst`` as well as its sums:
+        ``addrelu_out`` writes relu(a + b) (a + b rounded to the dtype first, as ATen's add) and
+        takes ``addrelu``'s sums of (a, a + b); ``relugrad`` writes ReLU's gradient
+        ``threshold_backward(a, b, 0)`` (a the gradient of the ReLU's output b) and takes its
+        ||dst||^2. dst must have a's dtype, shape and strides. The first column, or None with
+        nothing written (no extension module, a layout the kernels do not read, another batch
+        size, a full table: the caller computes with ATen)."""
+        run = kernels.run_out
+        if run is None or not a.is_cpu or _compiling() or a.is_neg() or b.is_neg():
+            return None
+        n, k = (a.shape[0] if a.ndim > 1 else 1), OUT_KERNELS[name]
+        col = self.used
+        if n != self._rows or col + k > self._cap:
+            col = self.take(n, k)
+            if col is None:
+                return None
+            self.used = col  # (reserved only if the kernel runs)
+        try:
+            if run(_KIND[name], _to_dlpack(a), _to_dlpack(b), _to_dlpack(dst), self._ptr,
+                   self._rows, self._cap, col, _threads()) >= 0:
+                self.used = col + k
+                return col
+        except Exception:  # noqa: BLE001, S110 - a layout DLPack cannot export
+            pass
+        return None
 
     def _launch(self, name: str, a: torch.Tensor, b: torch.Tensor | None) -> int | None:
         # Called from hooks mid-step, where each Python-level call costs: the common case

@@ -40,7 +40,8 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
 typedef double vd __attribute__((vector_size(W * 8)));
 
-enum { SQ, PAIR, GAP, ADDRELU };
+/* The reading kernels, then the two that also write a tensor (ADDRELU_OUT, RELUGRAD). */
+enum { SQ, PAIR, GAP, ADDRELU, ADDRELU_OUT, RELUGRAD };
 
 /* 2*W elements from element k as two float vectors. bf16: one load of 2*W halves read as W
  * words; each word holds two bf16 values, whose floats are (word << 16) and (word & 0xffff0000).
@@ -71,6 +72,60 @@ static inline double sload(const void *p, int64_t k, int bf) {
 }
 
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* Store two float vectors as vload2 reads them: bf16 values are taken from the high halves of
+ * their floats (exact for values already rounded to bf16 by vround). */
+static inline void vstore2(void *p, int64_t k, int bf, vf x0, vf x1) {
+    if (bf) {
+        vu u = ((vu)x1 & 0xffff0000u) | ((vu)x0 >> 16);
+        memcpy((uint16_t *)p + k, &u, sizeof u);
+    } else {
+        memcpy((float *)p + k, &x0, sizeof x0);
+        memcpy((float *)p + k + W, &x1, sizeof x1);
+    }
+}
+
+/* float -> bf16 as ATen's CPU kernels round (to nearest even; every NaN becomes 0xffff), kept as
+ * the float it stands for (low half zero). For float32 tensors, x itself. */
+static inline vf vround(int bf, vf x) {
+    if (!bf) return x;
+    vu u = (vu)x;
+    vu r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    vu nan = (vu)(x != x);
+    return (vf)((r & ~nan) | (0xffff0000u & nan));
+}
+
+static inline float sround(int bf, float x) {
+    if (!bf) return x;
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u = x != x ? 0xffff0000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+static inline void sstore(void *p, int64_t k, int bf, float x) {
+    if (bf) {
+        uint32_t u;
+        memcpy(&u, &x, sizeof u);
+        ((uint16_t *)p)[k] = (uint16_t)(u >> 16);
+    } else {
+        ((float *)p)[k] = x;
+    }
+}
+
+/* torch.relu on CPU: max(0, t) keeping t unless 0 > t (so -0 and NaN pass unchanged). */
+static inline vf vrelu(vf t) {
+    const vf zero = {0};
+    return vselect(t < zero, zero, t);
+}
+
+/* ReLU's gradient as torch's threshold_backward(g, out, 0): 0 where out <= 0, else g. */
+static inline vf vrelugrad(vf g, vf out) {
+    const vf zero = {0};
+    return vselect(out <= zero, zero, g);
+}
+
 
 /* The per-element terms of each kernel, vector form: acc[k] += term_k(a, b). */
 static inline void vterms(int kind, vf a, vf b, vf *acc) {
@@ -122,6 +177,37 @@ static inline void sterms(int kind, double a, double b, double *s) {
     }
 }
 
+/* The two kernels that write a tensor as well, 2*W elements from element k: ADDRELU_OUT writes
+ * dst = relu(a + b) (a + b rounded to the tensors' type first, as ATen's add does) and takes
+ * addrelu's sums with f = a, t = a + b; RELUGRAD writes dst = threshold_backward(a, b, 0) and
+ * takes its ||dst||^2. The values written are ATen's to the bit (checked by the tests). */
+static inline void vwrite(int kind, int bf, vf a0, vf a1, vf b0, vf b1, void *dst, int64_t k,
+                          vf *acc0, vf *acc1) {
+    if (kind == ADDRELU_OUT) {
+        vf t0 = vround(bf, a0 + b0), t1 = vround(bf, a1 + b1);
+        vstore2(dst, k, bf, vrelu(t0), vrelu(t1));
+        vterms(ADDRELU, a0, t0, acc0);
+        vterms(ADDRELU, a1, t1, acc1);
+    } else {
+        vf g0 = vround(bf, vrelugrad(a0, b0)), g1 = vround(bf, vrelugrad(a1, b1));
+        vstore2(dst, k, bf, g0, g1);
+        vterms(SQ, g0, g0, acc0);
+        vterms(SQ, g1, g1, acc1);
+    }
+}
+
+static inline void swrite(int kind, int bf, float a, float b, void *dst, int64_t k, double *s) {
+    if (kind == ADDRELU_OUT) {
+        float t = sround(bf, a + b);
+        sstore(dst, k, bf, t < 0 ? 0.0f : t);
+        sterms(ADDRELU, a, t, s);
+    } else {
+        float g = sround(bf, b <= 0 ? 0.0f : a);
+        sstore(dst, k, bf, g);
+        sterms(SQ, g, 0, s);
+    }
+}
+
 /* The second operand's 2*W elements (unused by SQ, whose b may be NULL). */
 static inline void second2(int kind, const void *b, int64_t k, int bf, vf *x0, vf *x1) {
     if (kind == SQ) {
@@ -133,11 +219,16 @@ static inline void second2(int kind, const void *b, int64_t k, int bf, vf *x0, v
     }
 }
 
-static inline int nsums(int kind) { return kind == SQ ? 1 : kind == GAP ? 2 : 4; }
+static inline int nsums(int kind) {
+    return kind == SQ || kind == RELUGRAD ? 1 : kind == GAP ? 2 : 4;
+}
 
-/* The K sums of one sample: `per` elements from offset o, written to row[0..K). */
+/* The K sums of one sample: `per` elements from offset o, written to row[0..K) (and for the
+ * kernels that write a tensor, its elements o.. to dst). */
 static inline __attribute__((always_inline)) void
-sample(int kind, int bf, const void *a, const void *b, int64_t o, int64_t per, double *row) {
+sample(int kind, int bf, const void *a, const void *b, void *dst, int64_t o, int64_t per,
+       double *row) {
+    const int writes = kind == ADDRELU_OUT || kind == RELUGRAD;
     const int K = nsums(kind);
     /* R independent accumulator vectors per sum hide the FMA latency: 4 for the kernels of
      * one or two sums, 2 (8 chains) for those of four. One iteration reads R*W elements. */
@@ -152,16 +243,24 @@ sample(int kind, int bf, const void *a, const void *b, int64_t o, int64_t per, d
                 vf a0, a1, b0, b1;
                 vload2(a, o + j + v * W, bf, &a0, &a1);
                 second2(kind, b, o + j + v * W, bf, &b0, &b1);
-                vterms(kind, a0, b0, acc[v]);
-                vterms(kind, a1, b1, acc[v + 1]);
+                if (writes) {
+                    vwrite(kind, bf, a0, a1, b0, b1, dst, o + j + v * W, acc[v], acc[v + 1]);
+                } else {
+                    vterms(kind, a0, b0, acc[v]);
+                    vterms(kind, a1, b1, acc[v + 1]);
+                }
             }
         if (j + r * W > per) /* fewer than R*W left: 2*W at a time */
             for (; j + 2 * W <= per; j += 2 * W) {
                 vf a0, a1, b0, b1;
                 vload2(a, o + j, bf, &a0, &a1);
                 second2(kind, b, o + j, bf, &b0, &b1);
-                vterms(kind, a0, b0, acc[0]);
-                vterms(kind, a1, b1, acc[1]);
+                if (writes) {
+                    vwrite(kind, bf, a0, a1, b0, b1, dst, o + j, acc[0], acc[1]);
+                } else {
+                    vterms(kind, a0, b0, acc[0]);
+                    vterms(kind, a1, b1, acc[1]);
+                }
             }
         for (int k = 0; k < K; k++) {
             vf sum = acc[0][k];
@@ -171,7 +270,10 @@ sample(int kind, int bf, const void *a, const void *b, int64_t o, int64_t per, d
     }
     double s[4] = {0, 0, 0, 0};
     for (; j < per; j++)
-        sterms(kind, sload(a, o + j, bf), kind == SQ ? 0 : sload(b, o + j, bf), s);
+        if (writes)
+            swrite(kind, bf, (float)sload(a, o + j, bf), (float)sload(b, o + j, bf), dst, o + j, s);
+        else
+            sterms(kind, sload(a, o + j, bf), kind == SQ ? 0 : sload(b, o + j, bf), s);
     for (int k = 0; k < K; k++) {
         double t = s[k];
         for (int l = 0; l < W; l++) t += total[k][l];
@@ -195,14 +297,28 @@ sample(int kind, int bf, const void *a, const void *b, int64_t o, int64_t per, d
         (void)threads; /* used by OpenMP builds only */                                       \
         SAMPLES_PARALLEL                                                                      \
         for (int64_t i = 0; i < n; i++)                                                       \
-            sample(KIND, BF, a, b, i * per, per, out + i * ld);                               \
+            sample(KIND, BF, a, b, 0, i * per, per, out + i * ld);                            \
     }
 #define EXPORT(NAME, KIND) EXPORT_ONE(NAME, KIND, f32, 0) EXPORT_ONE(NAME, KIND, bf16, 1)
+
+/* The kernels that also write dst (a tensor of a's layout): dst's sample i from a's and b's. */
+#define EXPORT_OUT_ONE(NAME, KIND, SUFFIX, BF)                                              \
+    void gl_##NAME##_##SUFFIX(const void *a, const void *b, void *dst, int64_t n,            \
+                              int64_t per, double *out, int64_t ld, int threads) {            \
+        (void)threads; /* used by OpenMP builds only */                                       \
+        SAMPLES_PARALLEL                                                                      \
+        for (int64_t i = 0; i < n; i++)                                                       \
+            sample(KIND, BF, a, b, dst, i * per, per, out + i * ld);                          \
+    }
+#define EXPORT_OUT(NAME, KIND) \
+    EXPORT_OUT_ONE(NAME, KIND, f32, 0) EXPORT_OUT_ONE(NAME, KIND, bf16, 1)
 
 EXPORT(sq, SQ)
 EXPORT(pair, PAIR)
 EXPORT(gap, GAP)
 EXPORT(addrelu, ADDRELU)
+EXPORT_OUT(addrelu_out, ADDRELU_OUT)
+EXPORT_OUT(relugrad, RELUGRAD)
 
 /* ||t_i||^2 of `count` dense tensors at once (a model's parameters or their gradients): the
  * tensors are spread over the threads, each summed like one sample of gl_sq. */
@@ -212,7 +328,7 @@ EXPORT(addrelu, ADDRELU)
         (void)threads; /* used by OpenMP builds only */                                      \
         SQLIST_PARALLEL                                                                      \
         for (int64_t i = 0; i < count; i++)                                                  \
-            sample(SQ, BF, ptrs[i], 0, 0, sizes[i], out + i);                                 \
+            sample(SQ, BF, ptrs[i], 0, 0, 0, sizes[i], out + i);                                 \
     }
 
 #ifdef _OPENMP
@@ -312,27 +428,42 @@ static int same_layout(const DLTensor *a, const DLTensor *b) {
     return 1;
 }
 
-/* Kernel `kind` on the tensors of DLPack capsules a (and b) into columns col.. of the float64
- * (rows, cap) table: col, or -1 with nothing written when they are not what the kernels read
- * (see dense_per_sample; b must match a's dtype, shape and strides), their samples are not
- * `rows`, or the columns do not fit. The kernel runs with the GIL released. */
-static long long run_capsules(long long kind, PyObject *ca, PyObject *cb, double *table,
-                              long long rows, long long cap, long long col, long long nthreads) {
+typedef void (*out_fn)(const void *, const void *, void *, int64_t, int64_t, double *, int64_t,
+                       int);
+/* [kind - ADDRELU_OUT][bf16]: the kernels that write a tensor. */
+static const out_fn OUT_FNS[2][2] = {{gl_addrelu_out_f32, gl_addrelu_out_bf16},
+                                     {gl_relugrad_f32, gl_relugrad_bf16}};
+
+/* Kernel `kind` on the tensors of DLPack capsules a (and b; and dst for the kernels that write
+ * one) into columns col.. of the float64 (rows, cap) table: col, or -1 with nothing written
+ * when they are not what the kernels read (see dense_per_sample; b and dst must match a's
+ * dtype, shape and strides), their samples are not `rows`, or the columns do not fit. The
+ * kernel runs with the GIL released. */
+static long long run_capsules(long long kind, PyObject *ca, PyObject *cb, PyObject *cdst,
+                              double *table, long long rows, long long cap, long long col,
+                              long long nthreads) {
     const int threads = nthreads < 1 ? 1 : nthreads > 4096 ? 4096 : (int)nthreads;
+    const int writes = kind == ADDRELU_OUT || kind == RELUGRAD;
     const DLTensor *a = unwrap(ca);
-    const DLTensor *b = kind == 0 ? NULL : unwrap(cb);
+    const DLTensor *b = kind == SQ ? NULL : unwrap(cb);
+    const DLTensor *d = writes ? unwrap(cdst) : NULL;
     int64_t n;
     int bf;
     const int64_t per = a == NULL ? 0 : dense_per_sample(a, &n, &bf);
-    if (kind < 0 || kind > 3 || per == 0 || table == NULL || n != rows || col < 0 ||
+    if (kind < 0 || kind > RELUGRAD || per == 0 || table == NULL || n != rows || col < 0 ||
         col > cap - nsums((int)kind) ||
-        (kind != 0 && (b == NULL || !same_layout(a, b))))
+        (kind != SQ && (b == NULL || !same_layout(a, b))) ||
+        (writes && (d == NULL || !same_layout(a, d))))
         return -1;
     const char *pa = (const char *)a->data + a->byte_offset;
     const char *pb = b == NULL ? NULL : (const char *)b->data + b->byte_offset;
-    const kernel_fn fn = KERNEL_FNS[kind][bf];
+    char *pd = d == NULL ? NULL : (char *)d->data + d->byte_offset;
     Py_BEGIN_ALLOW_THREADS
-    fn(pa, pb, (int64_t)rows, per, table + col, (int64_t)cap, threads);
+    if (writes)
+        OUT_FNS[kind - ADDRELU_OUT][bf](pa, pb, pd, (int64_t)rows, per, table + col,
+                                        (int64_t)cap, threads);
+    else
+        KERNEL_FNS[kind][bf](pa, pb, (int64_t)rows, per, table + col, (int64_t)cap, threads);
     Py_END_ALLOW_THREADS
     return col;
 }
@@ -356,8 +487,29 @@ static PyObject *gl_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         v[i] = PyLong_AsLongLong(args[at[i]]);
         if (v[i] == -1 && PyErr_Occurred()) return NULL;
     }
-    return PyLong_FromLongLong(run_capsules(v[0], args[1], args[2], (double *)(intptr_t)v[1],
-                                            v[2], v[3], v[4], v[5]));
+    if (v[0] > ADDRELU) v[0] = -1; /* (the kernels that write a tensor: run_out) */
+    return PyLong_FromLongLong(run_capsules(v[0], args[1], args[2], NULL,
+                                            (double *)(intptr_t)v[1], v[2], v[3], v[4], v[5]));
+}
+
+/* run_out(kind, a, b, dst, table, rows, capacity, col, threads) -> col, or -1 with nothing
+ * written: run() for the kernels that also write dst (kind 4: dst = relu(a + b); 5: dst =
+ * threshold_backward(a, b, 0)), a tensor of a's dtype, shape and strides. */
+static PyObject *gl_run_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "run_out() takes 9 arguments");
+        return NULL;
+    }
+    long long v[6];
+    static const int at[6] = {0, 4, 5, 6, 7, 8}; /* kind, table, rows, capacity, col, threads */
+    for (int i = 0; i < 6; i++) {
+        v[i] = PyLong_AsLongLong(args[at[i]]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    if (v[0] != ADDRELU_OUT && v[0] != RELUGRAD) v[0] = -1;
+    return PyLong_FromLongLong(run_capsules(v[0], args[1], args[2], args[3],
+                                            (double *)(intptr_t)v[1], v[2], v[3], v[4], v[5]));
 }
 
 /* What grad_sq needs from Python, set once by configure(): torch's DLPack export and its
@@ -437,7 +589,8 @@ static PyObject *gl_grad_sq(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *capsule = PyObject_CallOneArg(to_dlpack_fn, g);
     if (capsule == NULL) return hand_over(fallback, g); /* not a tensor DLPack can export */
     const long long col =
-        run_capsules(0, capsule, NULL, (double *)(intptr_t)ptr, rows, cap, used, threads);
+        run_capsules(SQ, capsule, NULL, NULL, (double *)(intptr_t)ptr, rows, cap, used,
+                     threads);
     Py_DECREF(capsule);
     if (col < 0) return PyObject_CallOneArg(fallback, g);
     PyObject *next = PyLong_FromLongLong(col + 1);
@@ -457,6 +610,8 @@ static PyObject *gl_grad_sq(PyObject *self, PyObject *const *args, Py_ssize_t na
 static PyMethodDef gl_methods[] = {
     {"run", (PyCFunction)(void (*)(void))gl_run, METH_FASTCALL,
      "run(kind, a, b, table, rows, capacity, col, threads) -> col, or -1"},
+    {"run_out", (PyCFunction)(void (*)(void))gl_run_out, METH_FASTCALL,
+     "run_out(kind, a, b, dst, table, rows, capacity, col, threads) -> col, or -1"},
     {"configure", (PyCFunction)(void (*)(void))gl_configure, METH_FASTCALL,
      "configure(to_dlpack, get_num_threads)"},
     {"grad_sq", (PyCFunction)(void (*)(void))gl_grad_sq, METH_FASTCALL,

@@ -125,6 +125,66 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
 
+_threshold_backward = torch.ops.aten.threshold_backward
+
+
+class _GradRecord:
+    """Where :class:`_AddReLU`'s backward records the gradient of the sum (= that of the
+    block's bn2 response) while it is the response's latest call: a gradient hook of the probe
+    in all but name, removed (by the probe, as a handle) when the response is called again."""
+
+    __slots__ = ("sums", "cols", "store", "key", "fallback", "live")
+
+    def __init__(self, sums: SumTable, cols: dict, store: dict, key: tuple, fallback):
+        self.sums, self.cols, self.store, self.key = sums, cols, store, key
+        self.fallback = fallback  # the response's Python gradient hook
+        self.live = True
+
+    def remove(self) -> None:
+        self.live = False
+
+
+class _AddReLU(torch.autograd.Function):
+    """``relu(f + s)`` of a gradlab block on a logged step, computed with its measurement.
+
+    The forward's output comes precomputed (``pack = (out, record)``) by the kernel
+    ``addrelu_out``: the sum and the ReLU in one pass that also takes the block's sums. The
+    backward computes ReLU's gradient (ATen's ``threshold_backward(g, out, 0)``, passed to both
+    operands as the add's backward does) with the kernel ``relugrad``, which also takes its
+    per-sample ||g||^2 (bn2's ``response_grad_norm``) into the step's table. Values and
+    gradients are ATen's to the bit, so a logged step trains exactly as an unlogged one; where
+    the kernel does not apply (a gradient of another layout, double backward) ATen computes
+    the gradient and the probe's Python hook measures it.
+    """
+
+    @staticmethod
+    def forward(ctx, f, s, pack):
+        out, ctx.record = pack
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        record = ctx.record
+        gi = None
+        if record.live and not torch.is_grad_enabled():  # (create_graph: ATen, differentiable)
+            gi = torch.empty_like(g)
+            col = record.sums.run_out("relugrad", g, out, gi)
+            if col is None:
+                gi = None
+            else:
+                record.cols[record.key] = (col,)
+                if record.store:
+                    record.store.pop(record.key, None)
+        if gi is None:
+            gi = _threshold_backward(g, out, 0)
+            if record.live:
+                record.fallback(gi)
+        need = ctx.needs_input_grad
+        return (gi if need[0] else None), (gi if need[1] else None), None
+
+
 class Probe:
     """Attach gradlab's measurements to any ``nn.Module``.
 
@@ -176,7 +236,8 @@ class Probe:
         self._attached = False
         self._handles: list = []
         self._hooks: list[tuple[nn.Module, object]] | None = None  # forward hooks
-        self._observers: list[tuple[BasicBlock, object]] = []  # block hooks
+        # block hooks, each with its block's fused sum and ReLU (see _sum_relu) or None
+        self._observers: list[tuple[BasicBlock, object, object]] = []
         self._order_handles: list = []
         # This step's values, keyed (module, metric): eager 0-d tensors in _store; the C kernels'
         # per-sample sums as column indices into _sums (derived all at once in snapshot()).
@@ -318,8 +379,8 @@ class Probe:
             self._handles.append(self.model.register_forward_pre_hook(self._start_hook))
             for mod, hook in self._hooks:
                 self._handles.append(mod.register_forward_hook(hook))
-            for block, hook in self._observers:
-                self._handles.append(block.register_block_hook(hook))
+            for block, hook, sum_relu in self._observers:
+                self._handles.append(block.register_block_hook(hook, sum_relu=sum_relu))
             # Registered last: runs after every other hook of the model, also when its forward
             # raises (then it only closes the forward).
             self._handles.append(self.model.register_forward_hook(self._end_hook,
@@ -353,8 +414,10 @@ class Probe:
                                    or sum(b == name for b, _ in self._adds) != 1):
                 continue
             add = add_of[name][1] if block.residual else None
-            self._observers.append((block, self._block_observer(
-                name, block, response[bn1], None if block.residual else response[bn2], add)))
+            self._observers.append((
+                block,
+                self._block_observer(name, block, response[bn1], response[bn2], add),
+                self._sum_relu(name, bn2, response[bn2]) if block.residual else None))
             taken |= {name, bn1, bn2}
         folded = set(self._folded.values())
         self._hooks = ([(m, response[n]) for n, m in self._response_modules
@@ -519,8 +582,9 @@ class Probe:
         # CPU response, when the kernels load. [None]: not yet.
         c_hook: list = [None]
 
-        def hook(module, args, out):
+        def hook(module, args, out, grad=True):
             # (= self._recording(), inlined: this runs mid-forward, 56 times per resnet56 step)
+            # grad False: the response's gradient is measured elsewhere (see _sum_relu).
             if not (self._enabled and _grad_enabled()) or not isinstance(out, torch.Tensor):
                 return None
             node = out.grad_fn  # (None when out needs no gradient)
@@ -549,7 +613,7 @@ class Probe:
                     bn_run[name] = -1
                 self._drop_bn(name)
                 self._put(key_std, M.response_std(out.detach()))
-            if out.requires_grad:
+            if grad and out.requires_grad:
                 handles = self._grad_handles
                 earlier = handles.pop(name, None)
                 if earlier is not None:  # called again since the last snapshot
@@ -582,6 +646,7 @@ class Probe:
                 else:
                     handles[name] = out.register_hook(fn)
             return None
+        hook.grad_hook = grad_hook
         return hook
 
     def _add_hook(self, block: str, bn2_hook=None):
@@ -642,12 +707,52 @@ class Probe:
             if not (self._enabled and _grad_enabled()):
                 return
             bn1_hook(bn1, (), y1)
-            if add_hook is not None:
+            if t is not None and add_hook is not None:
                 add_hook(add, (y2, s), t)
-            else:
-                bn2_hook(bn2, (), y2)
+            else:  # a plain block, or the sum measured by _sum_relu (and its gradient there)
+                bn2_hook(bn2, (), y2, add_hook is None)
             block_hook(module, (x,), out)
         return hook
+
+    def _sum_relu(self, name: str, bn2: str, bn2_hook):
+        """A residual gradlab block's ``sum_relu`` (see :meth:`BasicBlock.register_block_hook`):
+        on a logged CPU step, relu(F + s) in one pass of the kernel ``addrelu_out`` that also
+        takes the add hook's sums, and bn2's gradient measured as ReLU's gradient is computed
+        (:class:`_AddReLU`). Each pass replaces two (ATen's add and ReLU, then the probe's pass
+        over F and t): on this project's CPU, faster than the add and the ReLU alone. None
+        (the block then calls its add and relu2) wherever the kernels do not apply."""
+        key_res, key_grad = (name, "residual_stats"), (bn2, "response_grad_norm")
+        sums, cols, store = self._sums, self._cols, self._store
+        grad_hook = bn2_hook.grad_hook
+
+        def sum_relu(block, f, s):
+            if (not (self._enabled and _grad_enabled()) or self.fused is False or self._traced
+                    or not f.is_cpu):
+                return None
+            if _kernels.run_out is None:  # (not loaded yet, or no extension module)
+                _kernels.load()
+                if _kernels.run_out is None:
+                    return None
+            ss = self._known_sq(s)  # ||s||^2, as in the add hook
+            if ss is None:
+                ss = self._run_sq(s)
+                if ss is None:
+                    return None
+            out = torch.empty_like(f)
+            col = sums.run_out("addrelu_out", f, s, out)
+            if col is None:
+                return None
+            cols[key_res] = (col, ss, col + 1)
+            if store:
+                store.pop(key_res, None)
+            self._block_sums[name] = (s, col + 3, ss, col + 2)
+            record = _GradRecord(sums, cols, store, key_grad, grad_hook)
+            earlier = self._grad_handles.pop(bn2, None)
+            if earlier is not None:  # called again since the last snapshot
+                _remove_grad_hook(earlier)
+            self._grad_handles[bn2] = record
+            return _AddReLU.apply(f, s, (out, record))
+        return sum_relu
 
     def _block_hook(self, name: str):
         key_gap = (name, "identity_gap")
