@@ -13,6 +13,7 @@ import gradlab
 from gradlab.models import (
     BasicBlock,
     CifarResNet,
+    GlobalAvgPool,
     ModelError,
     ResidualAdd,
     ShortcutA,
@@ -304,6 +305,37 @@ def test_a_block_hooks_sum_relu_replaces_add_and_relu2_only_where_nothing_else_s
     fused.clear()
     plain(torch.randn(2, 16, 8, 8))
     assert fused == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shortcut_a_and_pooling_give_atens_values_and_keep_the_input_layout(
+        dtype: torch.dtype, channels_last: bool) -> None:
+    """ShortcutA and GlobalAvgPool compute ATen's slicing + padding and adaptive average pooling
+    with ATen's gradients, to the bit, but hand the gradient back in the input's own layout
+    (ATen's are NCHW, which sends a channels_last network's backward down slow mixed-layout
+    paths); first and second derivatives pass gradcheck in float64."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 4, 8, 8), (2, 3, 7, 5)]:
+        x = torch.randn(shape, generator=g).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        cases = [(ShortcutA(shape[1], 2 * shape[1], 2),
+                  lambda t, c=shape[1]: F.pad(t[:, :, ::2, ::2], (0, 0, 0, 0, 0, c))),
+                 (GlobalAvgPool(), lambda t: torch.flatten(F.adaptive_avg_pool2d(t, 1), 1))]
+        for module, aten in cases:
+            ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+            out, want = module(ours), aten(ref)
+            assert torch.equal(out, want) and out.stride() == want.stride()
+            w = torch.randn(out.shape, generator=g).to(dtype)
+            (out * w).sum().backward()
+            (want * w).sum().backward()
+            assert torch.equal(ours.grad, ref.grad), type(module).__name__
+            assert ours.grad.stride() == x.stride(), type(module).__name__
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    for module in (ShortcutA(3, 6, 2), GlobalAvgPool()):
+        assert torch.autograd.gradcheck(module, (x,))
+        assert torch.autograd.gradgradcheck(module, (x,))
 
 
 # -- initialization ----------------------------------------------------------------------------

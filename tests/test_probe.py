@@ -432,17 +432,23 @@ def test_block_hooks_record_what_forward_hooks_record(case, batch, monkeypatch) 
     pd.testing.assert_frame_equal(by_row(observed), by_row(hooked))
 
 
-@pytest.mark.parametrize("amp, channels_last", [(False, False), (True, True), (True, False)],
-                         ids=["float32", "bf16-channels_last", "bf16"])
+@pytest.mark.parametrize("amp, channels_last, aten_shortcut", [
+    (False, False, False), (True, True, False), (True, False, False), (True, True, True)],
+    ids=["float32", "bf16-channels_last", "bf16", "bf16-channels_last-aten-shortcut"])
 def test_logged_blocks_add_and_relu_in_one_measuring_pass_and_train_the_same(
-        amp: bool, channels_last: bool, batch, monkeypatch) -> None:
+        amp: bool, channels_last: bool, aten_shortcut: bool, batch, monkeypatch) -> None:
     """On a logged CPU step each residual block computes relu(F + s) with the kernel that also
     measures it (_AddReLU), and ReLU's gradient with the one that measures bn2's gradient:
     the loss, every parameter's gradient and the block outputs are those of an unprobed twin to
-    the bit; where the gradient arrives in another layout than the output (the last block of a
-    stage under channels_last) ATen computes it and the Python hook
-    measures it; response_grad_norm is autograd's either way."""
+    the bit; where the gradient arrives in another layout than the output (under channels_last,
+    below a shortcut computed by ATen's slicing, whose gradient is NCHW) ATen computes it and
+    the Python hook measures it; response_grad_norm is autograd's either way."""
     import gradlab.probing.probe as probe_module
+    from gradlab.models import ShortcutA
+
+    if aten_shortcut:
+        monkeypatch.setattr(ShortcutA, "forward", lambda self, x: F.pad(
+            x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra)))
 
     aten_grads = []
     threshold_backward = probe_module._threshold_backward
@@ -489,9 +495,8 @@ def test_logged_blocks_add_and_relu_in_one_measuring_pass_and_train_the_same(
         assert torch.equal(o, t) and o.stride() == t.stride()
     for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), n
-    # The last block of each stage gets its gradient NCHW under channels_last (from the next
-    # stage's ShortcutA, or from the pooling).
-    assert len(aten_grads) == (3 if channels_last else 0)
+    # (the last block of stages 1 and 2, below the next stage's first shortcut)
+    assert len(aten_grads) == (2 if aten_shortcut else 0)
     got = rows(frame, "response_grad_norm")
     for n, g in grads_y2.items():
         assert math.isclose(got[f"{n}.bn2"], g.double().norm().item(), rel_tol=1e-5), n
