@@ -546,6 +546,10 @@ def test_kernels_that_write_give_atens_values_and_the_reading_kernels_sums(dtype
             assert _same_values(out, ref_out), (shape, dtype)
             gcol = table.run_out("relugrad", grad, ref_out, gi)
             assert _same_values(gi, torch.ops.aten.threshold_backward(grad, ref_out, 0))
+            # The training loop's kinds: the same values, no sums.
+            out2, gi2 = torch.empty_like(a), torch.empty_like(grad)
+            assert kernels.write("addrelu_only", a, b, out2) and torch.equal(out2, out)
+            assert kernels.write("relugrad_only", grad, ref_out, gi2) and torch.equal(gi2, gi)
             want, gwant = table.run2("addrelu", a, a + b), table.sq(gi)
             sums = table.filled()
             assert (col, gcol, want, gwant) == (0, 4, 5, 9)
@@ -561,6 +565,9 @@ def test_kernels_that_write_give_atens_values_and_the_reading_kernels_sums(dtype
             gi = torch.empty_like(grad)
             assert table.run_out("relugrad", grad, ref_out, gi) == 4
             assert _same_values(gi, torch.ops.aten.threshold_backward(grad, ref_out, 0))
+            out2, gi2 = torch.empty_like(a), torch.empty_like(grad)
+            assert kernels.write("addrelu_only", a, b, out2) and _same_values(out2, out)
+            assert kernels.write("relugrad_only", grad, ref_out, gi2) and _same_values(gi2, gi)
             table.filled()
 
 
@@ -585,6 +592,9 @@ def test_kernels_that_write_refuse_what_they_cannot_take_and_write_nothing() -> 
         for name in ("addrelu_out", "relugrad"):
             assert table.run_out(name, a, b, dst) is None, (why, name)
             assert table.used == 1, why  # no column reserved
+        for name in ("addrelu_only", "relugrad_only"):
+            if why != "batch size":  # (no table: any batch size)
+                assert not kernels.write(name, a, b, dst), (why, name)
         assert torch.equal(dst.nan_to_num(0), dst_before.nan_to_num(0)), why
     run = kernels.run_out
     dl = torch.utils.dlpack.to_dlpack

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -336,6 +337,66 @@ def test_shortcut_a_and_pooling_give_atens_values_and_keep_the_input_layout(
     for module in (ShortcutA(3, 6, 2), GlobalAvgPool()):
         assert torch.autograd.gradcheck(module, (x,))
         assert torch.autograd.gradgradcheck(module, (x,))
+
+
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True),
+                                                   (torch.bfloat16, False)])
+def test_fused_add_relu_gives_atens_outputs_and_gradients(dtype, channels_last) -> None:
+    """BasicBlock.fused_add_relu (set by the training loop on CPU): the residual sum and ReLU in
+    one kernel pass, ReLU's gradient in another; outputs, gradients and second derivatives are
+    those of ATen's add and ReLU to the bit, under no_grad too; blocks whose add or relu2 has a
+    hook, and operands the kernel does not take, use ATen."""
+    torch.manual_seed(0)
+    model = create_model("resnet20").train()
+    x = torch.randn(4, 3, 8, 8)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = copy.deepcopy(model)
+    blocks = [m for m in fused.modules() if isinstance(m, BasicBlock)]
+    for b in blocks:
+        b.fused_add_relu = True
+    outs: list = []
+    for b in blocks:
+        b.register_forward_hook(lambda m, a, o: outs.append(o))
+
+    def grads(net):
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = F.cross_entropy(net(x), torch.arange(4))
+        gs = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+        sum(g.pow(2).sum() for g in gs).backward()  # (double backward: ATen's op in AddReLU)
+        return loss, list(gs), [p.grad for p in net.parameters()]
+
+    want, got = grads(model), grads(fused)
+    assert [type(o.grad_fn).__name__ for o in outs] == ["AddReLUBackward"] * 9
+    assert torch.equal(want[0], got[0])
+    for a, b in zip(want[1] + want[2], got[1] + got[2], strict=True):
+        assert torch.equal(a, b)
+    # First derivatives alone (the kernel computes ReLU's gradient then).
+    for net in (model, fused):
+        net.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            F.cross_entropy(net(x), torch.arange(4)).backward()
+    for p, q in zip(model.parameters(), fused.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    with torch.no_grad():
+        outs.clear()
+        assert torch.equal(model.eval()(x), fused.eval()(x))
+        assert all(o.grad_fn is None for o in outs)
+    # A hook on the add sees the sum: ATen's ops then.
+    outs.clear()
+    h = blocks[0].add.register_forward_hook(lambda *a: None)
+    fused.train()(x)
+    assert type(outs[0].grad_fn).__name__ == "ReluBackward0"
+    assert type(outs[1].grad_fn).__name__ == "AddReLUBackward"
+    h.remove()
+    # Operands of different layouts: not the kernel's.
+    from gradlab.probing.fused import add_relu
+
+    f = torch.randn(2, 4, 3, 3)
+    assert add_relu(f, f.contiguous(memory_format=torch.channels_last)) is None
+    assert add_relu(f, f.bfloat16()) is None
+    assert torch.equal(add_relu(f, f), torch.relu(f + f))
 
 
 # -- initialization ----------------------------------------------------------------------------

@@ -438,12 +438,12 @@ def test_block_hooks_record_what_forward_hooks_record(case, batch, monkeypatch) 
 def test_logged_blocks_add_and_relu_in_one_measuring_pass_and_train_the_same(
         amp: bool, channels_last: bool, aten_shortcut: bool, batch, monkeypatch) -> None:
     """On a logged CPU step each residual block computes relu(F + s) with the kernel that also
-    measures it (_AddReLU), and ReLU's gradient with the one that measures bn2's gradient:
+    measures it (AddReLU), and ReLU's gradient with the one that measures bn2's gradient:
     the loss, every parameter's gradient and the block outputs are those of an unprobed twin to
     the bit; where the gradient arrives in another layout than the output (under channels_last,
     below a shortcut computed by ATen's slicing, whose gradient is NCHW) ATen computes it and
     the Python hook measures it; response_grad_norm is autograd's either way."""
-    import gradlab.probing.probe as probe_module
+    import gradlab.probing.fused as fused_module
     from gradlab.models import ShortcutA
 
     if aten_shortcut:
@@ -451,13 +451,13 @@ def test_logged_blocks_add_and_relu_in_one_measuring_pass_and_train_the_same(
             x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra)))
 
     aten_grads = []
-    threshold_backward = probe_module._threshold_backward
+    threshold_backward = fused_module._threshold_backward
 
     def counted(*args):
         aten_grads.append(args[0].shape)
         return threshold_backward(*args)
 
-    monkeypatch.setattr(probe_module, "_threshold_backward", counted)
+    monkeypatch.setattr(fused_module, "_threshold_backward", counted)
     torch.manual_seed(0)
     model = create_model("resnet20", in_channels=1).train()
     x, y = batch
@@ -488,7 +488,7 @@ def test_logged_blocks_add_and_relu_in_one_measuring_pass_and_train_the_same(
         grads_y2 = dict(zip(names, torch.autograd.grad(
             twin_loss, [twin_bn2[n] for n in names], retain_graph=True), strict=True))
         twin_loss.backward()
-    assert all(type(o.grad_fn).__name__ == "_AddReLUBackward" for o in outs)
+    assert all(type(o.grad_fn).__name__ == "AddReLUBackward" for o in outs)
     assert len(outs) == len(twin_outs) == 9
     assert torch.equal(loss, twin_loss)
     for o, t in zip(outs, twin_outs, strict=True):
@@ -543,7 +543,7 @@ def test_fused_blocks_under_double_backward_and_called_twice(batch) -> None:
     with Probe(model) as probe:
         F.cross_entropy(model(x), y).backward()
         frame = probe.collect()
-    assert [type(o.grad_fn).__name__ for o in outs] == ["_AddReLUBackward"] * 2
+    assert [type(o.grad_fn).__name__ for o in outs] == ["AddReLUBackward"] * 2
     twin_seen: list[torch.Tensor] = []
     twin.block.bn2.register_forward_hook(lambda m, a, o: twin_seen.append(o))
     loss = F.cross_entropy(twin(x), y)

@@ -17,6 +17,14 @@ The kernels (``K`` per-sample sums each, returned as a float64 tensor of shape `
   ||f - min(t, 0)||^2 = ||relu(t) - s||^2. Both operands are the tensors the block has just
   computed, still in cache; s is not read again.
 
+Four more also write a tensor, through the extension module only (``SumTable.run_out``,
+``Kernels.write``): ``addrelu_out(f, s, dst)`` writes dst = relu(f + s) as ATen's add and ReLU
+compute it and takes ``addrelu``'s sums of (f, f + s) with the sum in registers;
+``relugrad(g, out, dst)`` writes ReLU's gradient ``threshold_backward(g, out, 0)`` and takes its
+||dst||^2; ``addrelu_only`` and ``relugrad_only`` write the same without sums. They serve
+:func:`add_relu` / :class:`AddReLU`, a residual block's sum and ReLU in one pass each way
+(faster than ATen's two on CPU), with or without the probe's measurement.
+
 Plus ``Kernels.sq_list``: ||t||^2 of each of many tensors (a model's parameters, or their
 gradients) in one call. The probe's hooks use :meth:`SumTable.sq` and :meth:`SumTable.run2` (what
 :meth:`SumTable.run` does for one and two operands, in fewer calls), which write a kernel's sums
@@ -75,12 +83,13 @@ from pathlib import Path
 import torch
 import torch.utils.dlpack
 
-__all__ = ["KERNELS", "Kernels", "SumTable", "kernels", "dense_per_sample"]
+__all__ = ["KERNELS", "OUT_KERNELS", "AddReLU", "Kernels", "SumTable", "add_relu", "kernels",
+           "dense_per_sample"]
 
 #: kernel name -> number of per-sample sums it returns
 KERNELS = {"sq": 1, "pair": 4, "gap": 2, "addrelu": 4}
 #: kernels that also write a tensor (extension only): name -> number of per-sample sums
-OUT_KERNELS = {"addrelu_out": 4, "relugrad": 1}
+OUT_KERNELS = {"addrelu_out": 4, "relugrad": 1, "addrelu_only": 0, "relugrad_only": 0}
 _KIND = {name: i for i, name in enumerate([*KERNELS, *OUT_KERNELS])}  # the extension's numbers
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -347,6 +356,20 @@ class Kernels:
         fn(ptrs, sizes, count, out.data_ptr(), torch.get_num_threads())
         return out
 
+    def write(self, name: str, a: torch.Tensor, b: torch.Tensor, dst: torch.Tensor) -> bool:
+        """Kernel ``addrelu_only`` (dst = relu(a + b)) or ``relugrad_only`` (dst =
+        threshold_backward(a, b, 0)): ATen's values, one pass, no sums. False with nothing
+        written where it does not apply (no extension module, a layout it does not read: dst
+        must have a's dtype, shape and strides)."""
+        run = self.run_out
+        if run is None or _compiling() or a.is_neg() or b.is_neg():
+            return False
+        try:
+            return run(_KIND[name], _to_dlpack(a), _to_dlpack(b), _to_dlpack(dst), 0, 0, 0, 0,
+                       _threads()) >= 0
+        except Exception:  # noqa: BLE001 - a layout DLPack cannot export
+            return False
+
     def usable(self, *tensors: torch.Tensor) -> bool:
         """Whether the kernels can reduce these tensors (same shape, strides and dtype; dense
         per sample; CPU; not inside a ``torch.compile`` trace) and are built."""
@@ -570,3 +593,58 @@ def _layout_ok(tensors: tuple[torch.Tensor, ...]) -> bool:
 
 #: Process-wide kernels (they hold no model state).
 kernels = Kernels()
+
+_threshold_backward = torch.ops.aten.threshold_backward
+
+
+class AddReLU(torch.autograd.Function):
+    """``relu(f + s)``, precomputed by one kernel pass, with ReLU's gradient by another.
+
+    ``pack = (out, record)``: ``out`` holds relu(f + s) as ATen computes it (written by
+    ``addrelu_only``, or by ``addrelu_out`` with a probe's sums). The backward computes ReLU's
+    gradient, ATen's ``threshold_backward(g, out, 0)`` to the bit, and passes it to both
+    operands as the add's backward does: by ``relugrad_only``, or where ``record`` (a probe's)
+    is live by ``record.measure(g, out, gi)``, the kernel that also takes ||g||^2. Where no
+    kernel applies (a gradient of another layout; double backward, which needs a
+    differentiable op) ATen computes it and ``record.fallback(gi)`` measures it.
+    """
+
+    @staticmethod
+    def forward(ctx, f, s, pack):
+        out, ctx.record = pack
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        record = ctx.record
+        live = record is not None and record.live
+        gi = None
+        if not torch.is_grad_enabled():  # (create_graph: ATen's op, differentiable)
+            gi = torch.empty_like(g)
+            if not (record.measure(g, out, gi) if live
+                    else kernels.write("relugrad_only", g, out, gi)):
+                gi = None
+        if gi is None:
+            gi = _threshold_backward(g, out, 0)
+            if live:
+                record.fallback(gi)
+        need = ctx.needs_input_grad
+        return (gi if need[0] else None), (gi if need[1] else None), None
+
+
+def add_relu(f: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
+    """``relu(f + s)`` in one kernel pass (ATen's add and ReLU are two, and the sum is stored),
+    differentiable (:class:`AddReLU`); None where the kernels do not apply: not CPU, operands
+    of different dtypes or layouts, not dense, traced by ``torch.compile``, no extension."""
+    if not f.is_cpu or _compiling():
+        return None
+    if kernels.run_out is None and not (kernels.load() and kernels.run_out is not None):
+        return None
+    out = torch.empty_like(f)
+    if not kernels.write("addrelu_only", f, s, out):
+        return None
+    if not (torch.is_grad_enabled() and (f.requires_grad or s.requires_grad)):
+        return out
+    return AddReLU.apply(f, s, (out, None))

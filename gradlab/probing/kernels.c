@@ -40,8 +40,9 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
 typedef double vd __attribute__((vector_size(W * 8)));
 
-/* The reading kernels, then the two that also write a tensor (ADDRELU_OUT, RELUGRAD). */
-enum { SQ, PAIR, GAP, ADDRELU, ADDRELU_OUT, RELUGRAD };
+/* The reading kernels, then those that also write a tensor: ADDRELU_OUT and RELUGRAD, and the
+ * same two without sums (ADDRELU_ONLY, RELUGRAD_ONLY: the training loop's fused add + ReLU). */
+enum { SQ, PAIR, GAP, ADDRELU, ADDRELU_OUT, RELUGRAD, ADDRELU_ONLY, RELUGRAD_ONLY };
 
 /* 2*W elements from element k as two float vectors. bf16: one load of 2*W halves read as W
  * words; each word holds two bf16 values, whose floats are (word << 16) and (word & 0xffff0000).
@@ -177,34 +178,41 @@ static inline void sterms(int kind, double a, double b, double *s) {
     }
 }
 
-/* The two kernels that write a tensor as well, 2*W elements from element k: ADDRELU_OUT writes
+/* The kernels that write a tensor as well, 2*W elements from element k: ADDRELU_OUT writes
  * dst = relu(a + b) (a + b rounded to the tensors' type first, as ATen's add does) and takes
  * addrelu's sums with f = a, t = a + b; RELUGRAD writes dst = threshold_backward(a, b, 0) and
- * takes its ||dst||^2. The values written are ATen's to the bit (checked by the tests). */
+ * takes its ||dst||^2; the _ONLY kinds write the same and take no sums. The values written are
+ * ATen's to the bit (checked by the tests). */
+static inline int writes_sum(int kind) { return kind == ADDRELU_OUT || kind == ADDRELU_ONLY; }
+
 static inline void vwrite(int kind, int bf, vf a0, vf a1, vf b0, vf b1, void *dst, int64_t k,
                           vf *acc0, vf *acc1) {
-    if (kind == ADDRELU_OUT) {
+    if (writes_sum(kind)) {
         vf t0 = vround(bf, a0 + b0), t1 = vround(bf, a1 + b1);
         vstore2(dst, k, bf, vrelu(t0), vrelu(t1));
-        vterms(ADDRELU, a0, t0, acc0);
-        vterms(ADDRELU, a1, t1, acc1);
+        if (kind == ADDRELU_OUT) {
+            vterms(ADDRELU, a0, t0, acc0);
+            vterms(ADDRELU, a1, t1, acc1);
+        }
     } else {
         vf g0 = vround(bf, vrelugrad(a0, b0)), g1 = vround(bf, vrelugrad(a1, b1));
         vstore2(dst, k, bf, g0, g1);
-        vterms(SQ, g0, g0, acc0);
-        vterms(SQ, g1, g1, acc1);
+        if (kind == RELUGRAD) {
+            vterms(SQ, g0, g0, acc0);
+            vterms(SQ, g1, g1, acc1);
+        }
     }
 }
 
 static inline void swrite(int kind, int bf, float a, float b, void *dst, int64_t k, double *s) {
-    if (kind == ADDRELU_OUT) {
+    if (writes_sum(kind)) {
         float t = sround(bf, a + b);
         sstore(dst, k, bf, t < 0 ? 0.0f : t);
-        sterms(ADDRELU, a, t, s);
+        if (kind == ADDRELU_OUT) sterms(ADDRELU, a, t, s);
     } else {
         float g = sround(bf, b <= 0 ? 0.0f : a);
         sstore(dst, k, bf, g);
-        sterms(SQ, g, 0, s);
+        if (kind == RELUGRAD) sterms(SQ, g, 0, s);
     }
 }
 
@@ -220,7 +228,7 @@ static inline void second2(int kind, const void *b, int64_t k, int bf, vf *x0, v
 }
 
 static inline int nsums(int kind) {
-    return kind == SQ || kind == RELUGRAD ? 1 : kind == GAP ? 2 : 4;
+    return kind == SQ || kind == RELUGRAD ? 1 : kind == GAP ? 2 : kind >= ADDRELU_ONLY ? 0 : 4;
 }
 
 /* The K sums of one sample: `per` elements from offset o, written to row[0..K) (and for the
@@ -228,7 +236,7 @@ static inline int nsums(int kind) {
 static inline __attribute__((always_inline)) void
 sample(int kind, int bf, const void *a, const void *b, void *dst, int64_t o, int64_t per,
        double *row) {
-    const int writes = kind == ADDRELU_OUT || kind == RELUGRAD;
+    const int writes = kind >= ADDRELU_OUT;
     const int K = nsums(kind);
     /* R independent accumulator vectors per sum hide the FMA latency: 4 for the kernels of
      * one or two sums, 2 (8 chains) for those of four. One iteration reads R*W elements. */
@@ -319,6 +327,8 @@ EXPORT(gap, GAP)
 EXPORT(addrelu, ADDRELU)
 EXPORT_OUT(addrelu_out, ADDRELU_OUT)
 EXPORT_OUT(relugrad, RELUGRAD)
+EXPORT_OUT(addrelu_only, ADDRELU_ONLY)
+EXPORT_OUT(relugrad_only, RELUGRAD_ONLY)
 
 /* ||t_i||^2 of `count` dense tensors at once (a model's parameters or their gradients): the
  * tensors are spread over the threads, each summed like one sample of gl_sq. */
@@ -431,27 +441,31 @@ static int same_layout(const DLTensor *a, const DLTensor *b) {
 typedef void (*out_fn)(const void *, const void *, void *, int64_t, int64_t, double *, int64_t,
                        int);
 /* [kind - ADDRELU_OUT][bf16]: the kernels that write a tensor. */
-static const out_fn OUT_FNS[2][2] = {{gl_addrelu_out_f32, gl_addrelu_out_bf16},
-                                     {gl_relugrad_f32, gl_relugrad_bf16}};
+static const out_fn OUT_FNS[4][2] = {{gl_addrelu_out_f32, gl_addrelu_out_bf16},
+                                     {gl_relugrad_f32, gl_relugrad_bf16},
+                                     {gl_addrelu_only_f32, gl_addrelu_only_bf16},
+                                     {gl_relugrad_only_f32, gl_relugrad_only_bf16}};
 
 /* Kernel `kind` on the tensors of DLPack capsules a (and b; and dst for the kernels that write
  * one) into columns col.. of the float64 (rows, cap) table: col, or -1 with nothing written
  * when they are not what the kernels read (see dense_per_sample; b and dst must match a's
- * dtype, shape and strides), their samples are not `rows`, or the columns do not fit. The
- * kernel runs with the GIL released. */
+ * dtype, shape and strides), their samples are not `rows`, or the columns do not fit (the
+ * _ONLY kernels take no sums: table, rows, cap and col are not used). The kernel runs with the
+ * GIL released. */
 static long long run_capsules(long long kind, PyObject *ca, PyObject *cb, PyObject *cdst,
                               double *table, long long rows, long long cap, long long col,
                               long long nthreads) {
     const int threads = nthreads < 1 ? 1 : nthreads > 4096 ? 4096 : (int)nthreads;
-    const int writes = kind == ADDRELU_OUT || kind == RELUGRAD;
+    const int writes = kind >= ADDRELU_OUT;
     const DLTensor *a = unwrap(ca);
     const DLTensor *b = kind == SQ ? NULL : unwrap(cb);
     const DLTensor *d = writes ? unwrap(cdst) : NULL;
-    int64_t n;
-    int bf;
+    int64_t n = 0;
+    int bf = 0;
     const int64_t per = a == NULL ? 0 : dense_per_sample(a, &n, &bf);
-    if (kind < 0 || kind > RELUGRAD || per == 0 || table == NULL || n != rows || col < 0 ||
-        col > cap - nsums((int)kind) ||
+    const int sums = kind >= 0 && kind <= RELUGRAD_ONLY && nsums((int)kind) > 0;
+    if (kind < 0 || kind > RELUGRAD_ONLY || per == 0 ||
+        (sums && (table == NULL || n != rows || col < 0 || col > cap - nsums((int)kind))) ||
         (kind != SQ && (b == NULL || !same_layout(a, b))) ||
         (writes && (d == NULL || !same_layout(a, d))))
         return -1;
@@ -460,7 +474,7 @@ static long long run_capsules(long long kind, PyObject *ca, PyObject *cb, PyObje
     char *pd = d == NULL ? NULL : (char *)d->data + d->byte_offset;
     Py_BEGIN_ALLOW_THREADS
     if (writes)
-        OUT_FNS[kind - ADDRELU_OUT][bf](pa, pb, pd, (int64_t)rows, per, table + col,
+        OUT_FNS[kind - ADDRELU_OUT][bf](pa, pb, pd, n, per, sums ? table + col : NULL,
                                         (int64_t)cap, threads);
     else
         KERNEL_FNS[kind][bf](pa, pb, (int64_t)rows, per, table + col, (int64_t)cap, threads);
@@ -493,8 +507,9 @@ static PyObject *gl_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* run_out(kind, a, b, dst, table, rows, capacity, col, threads) -> col, or -1 with nothing
- * written: run() for the kernels that also write dst (kind 4: dst = relu(a + b); 5: dst =
- * threshold_backward(a, b, 0)), a tensor of a's dtype, shape and strides. */
+ * written: run() for the kernels that also write dst, a tensor of a's dtype, shape and strides
+ * (kind 4: dst = relu(a + b); 5: dst = threshold_backward(a, b, 0); 6 and 7: the same without
+ * sums). */
 static PyObject *gl_run_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 9) {
@@ -507,7 +522,7 @@ static PyObject *gl_run_out(PyObject *self, PyObject *const *args, Py_ssize_t na
         v[i] = PyLong_AsLongLong(args[at[i]]);
         if (v[i] == -1 && PyErr_Occurred()) return NULL;
     }
-    if (v[0] != ADDRELU_OUT && v[0] != RELUGRAD) v[0] = -1;
+    if (v[0] < ADDRELU_OUT) v[0] = -1;
     return PyLong_FromLongLong(run_capsules(v[0], args[1], args[2], args[3],
                                             (double *)(intptr_t)v[1], v[2], v[3], v[4], v[5]));
 }

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gradlab.models.cifar_resnet import BasicBlock, ResidualAdd
 from gradlab.probing import metrics as M
-from gradlab.probing.fused import SumTable
+from gradlab.probing.fused import AddReLU, SumTable
 from gradlab.probing.fused import kernels as _kernels
 
 __all__ = ["Probe", "PendingFrame"]
@@ -125,13 +125,11 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
 
-_threshold_backward = torch.ops.aten.threshold_backward
-
-
 class _GradRecord:
-    """Where :class:`_AddReLU`'s backward records the gradient of the sum (= that of the
-    block's bn2 response) while it is the response's latest call: a gradient hook of the probe
-    in all but name, removed (by the probe, as a handle) when the response is called again."""
+    """Where :class:`~gradlab.probing.fused.AddReLU`'s backward records the gradient of the
+    sum (= that of the block's bn2 response) while it is the response's latest call: a gradient
+    hook of the probe in all but name, removed (by the probe, as a handle) when the response is
+    called again."""
 
     __slots__ = ("sums", "cols", "store", "key", "fallback", "live")
 
@@ -143,46 +141,17 @@ class _GradRecord:
     def remove(self) -> None:
         self.live = False
 
-
-class _AddReLU(torch.autograd.Function):
-    """``relu(f + s)`` of a gradlab block on a logged step, computed with its measurement.
-
-    The forward's output comes precomputed (``pack = (out, record)``) by the kernel
-    ``addrelu_out``: the sum and the ReLU in one pass that also takes the block's sums. The
-    backward computes ReLU's gradient (ATen's ``threshold_backward(g, out, 0)``, passed to both
-    operands as the add's backward does) with the kernel ``relugrad``, which also takes its
-    per-sample ||g||^2 (bn2's ``response_grad_norm``) into the step's table. Values and
-    gradients are ATen's to the bit, so a logged step trains exactly as an unlogged one; where
-    the kernel does not apply (a gradient of another layout, double backward) ATen computes
-    the gradient and the probe's Python hook measures it.
-    """
-
-    @staticmethod
-    def forward(ctx, f, s, pack):
-        out, ctx.record = pack
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        (out,) = ctx.saved_tensors
-        record = ctx.record
-        gi = None
-        if record.live and not torch.is_grad_enabled():  # (create_graph: ATen, differentiable)
-            gi = torch.empty_like(g)
-            col = record.sums.run_out("relugrad", g, out, gi)
-            if col is None:
-                gi = None
-            else:
-                record.cols[record.key] = (col,)
-                if record.store:
-                    record.store.pop(record.key, None)
-        if gi is None:
-            gi = _threshold_backward(g, out, 0)
-            if record.live:
-                record.fallback(gi)
-        need = ctx.needs_input_grad
-        return (gi if need[0] else None), (gi if need[1] else None), None
+    def measure(self, g: torch.Tensor, out: torch.Tensor, gi: torch.Tensor) -> bool:
+        """gi = ReLU's gradient from g and the ReLU's output, with its per-sample ||gi||^2 into
+        the step's table (kernel ``relugrad``); False with nothing written where it does not
+        apply."""
+        col = self.sums.run_out("relugrad", g, out, gi)
+        if col is None:
+            return False
+        self.cols[self.key] = (col,)
+        if self.store:
+            self.store.pop(self.key, None)
+        return True
 
 
 class Probe:
@@ -718,9 +687,10 @@ class Probe:
         """A residual gradlab block's ``sum_relu`` (see :meth:`BasicBlock.register_block_hook`):
         on a logged CPU step, relu(F + s) in one pass of the kernel ``addrelu_out`` that also
         takes the add hook's sums, and bn2's gradient measured as ReLU's gradient is computed
-        (:class:`_AddReLU`). Each pass replaces two (ATen's add and ReLU, then the probe's pass
-        over F and t): on this project's CPU, faster than the add and the ReLU alone. None
-        (the block then calls its add and relu2) wherever the kernels do not apply."""
+        (:class:`~gradlab.probing.fused.AddReLU`, by ``relugrad``). The training loop's blocks
+        take the same two passes without sums on unlogged steps (``addrelu_only``,
+        ``relugrad_only``), so measuring adds only the sums' arithmetic to them. None (the block
+        then calls its add and relu2) wherever the kernels do not apply."""
         key_res, key_grad = (name, "residual_stats"), (bn2, "response_grad_norm")
         sums, cols, store = self._sums, self._cols, self._store
         grad_hook = bn2_hook.grad_hook
@@ -751,7 +721,7 @@ class Probe:
             if earlier is not None:  # called again since the last snapshot
                 _remove_grad_hook(earlier)
             self._grad_handles[bn2] = record
-            return _AddReLU.apply(f, s, (out, record))
+            return AddReLU.apply(f, s, (out, record))
         return sum_relu
 
     def _block_hook(self, name: str):
