@@ -245,11 +245,12 @@ def test_block_hooks_see_what_forward_hooks_on_the_submodules_see(name: str,
     assert all(len(c) == 1 for c in calls.values())  # removed: not called again
 
 
-def test_a_block_hooks_sum_relu_replaces_add_and_relu2_only_where_nothing_else_sees_them() -> None:
+def test_a_block_hooks_replacements_are_used_only_where_nothing_else_sees_them() -> None:
     """register_block_hook(..., sum_relu=f): f(block, y2, shortcut) computes relu2(add(y2, s))
     (its result is the block's output, the hook then gets total=None) while it belongs to the
     block's only hook and add and relu2 are stock, hook-free modules; None from f, another
-    block hook, a hook on add or relu2, a global module hook or an in-place ReLU: the modules."""
+    block hook, a hook on add or relu2, a global module hook or an in-place ReLU: the modules.
+    relu1=g: g(block, y1) computes relu1(y1) under the same rules."""
     torch.manual_seed(0)
     model = create_model("resnet20").train()
     block = model.layer2[1]
@@ -294,7 +295,31 @@ def test_a_block_hooks_sum_relu_replaces_add_and_relu2_only_where_nothing_else_s
     block.relu2.inplace = False
     assert run()[0]
     handle.remove()
-    assert not block._block_hooks and not block._sum_relus
+    assert not block._block_hooks and not block._fused_ops
+    # relu1: the same rules (its own module's hooks, in place).
+    relus: list = []
+
+    def relu1(b, y1):
+        relus.append(b)
+        return torch.relu(y1)
+
+    handle = block.register_block_hook(lambda *a: seen.append(a), relu1=relu1)
+    assert run() == (False, seen[0][5]) and len(relus) == 1 and seen[0][5] is not None
+    for blocked in ("hook", "inplace"):
+        relus.clear()
+        h = block.relu1.register_forward_hook(lambda *a: None) if blocked == "hook" else None
+        block.relu1.inplace = blocked == "inplace"
+        run()
+        assert relus == [], blocked
+        block.relu1.inplace = False
+        if h is not None:
+            h.remove()
+    other = block.register_block_hook(lambda *a: None)
+    relus.clear()
+    block(x)
+    assert relus == []
+    other.remove()
+    handle.remove()
     # A sum_relu that declines: the modules compute it.
     handle = block.register_block_hook(lambda *a: seen.append(a), sum_relu=lambda *a: None)
     seen.clear()

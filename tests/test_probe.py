@@ -438,7 +438,8 @@ def test_block_hooks_record_what_forward_hooks_record(case, batch, monkeypatch) 
 def test_logged_blocks_add_and_relu_in_one_measuring_pass_and_train_the_same(
         amp: bool, channels_last: bool, aten_shortcut: bool, batch, monkeypatch) -> None:
     """On a logged CPU step each residual block computes relu(F + s) with the kernel that also
-    measures it (AddReLU), and ReLU's gradient with the one that measures bn2's gradient:
+    measures it (AddReLU), and ReLU's gradient with the one that measures bn2's gradient (and
+    relu1's gradient with the one that measures bn1's, ReLU):
     the loss, every parameter's gradient and the block outputs are those of an unprobed twin to
     the bit; where the gradient arrives in another layout than the output (under channels_last,
     below a shortcut computed by ATen's slicing, whose gradient is NCHW) ATen computes it and
@@ -481,8 +482,9 @@ def test_logged_blocks_add_and_relu_in_one_measuring_pass_and_train_the_same(
         twin_bn2 = {}
         for n, b in twin.named_modules():
             if isinstance(b, BasicBlock):
-                b.bn2.register_forward_hook(
-                    lambda m, a, o, n=n: twin_bn2.__setitem__(n, o))
+                for bn in ("bn1", "bn2"):
+                    b.get_submodule(bn).register_forward_hook(
+                        lambda m, a, o, n=f"{n}.{bn}": twin_bn2.__setitem__(n, o))
         twin_loss = F.cross_entropy(twin(x), y)
         names = list(twin_bn2)
         grads_y2 = dict(zip(names, torch.autograd.grad(
@@ -498,8 +500,9 @@ def test_logged_blocks_add_and_relu_in_one_measuring_pass_and_train_the_same(
     # (the last block of stages 1 and 2, below the next stage's first shortcut)
     assert len(aten_grads) == (2 if aten_shortcut else 0)
     got = rows(frame, "response_grad_norm")
-    for n, g in grads_y2.items():
-        assert math.isclose(got[f"{n}.bn2"], g.double().norm().item(), rel_tol=1e-5), n
+    assert len(grads_y2) == 18
+    for n, g in grads_y2.items():  # (bn1's: measured as relu1's gradient is computed)
+        assert math.isclose(got[n], g.double().norm().item(), rel_tol=1e-5), n
 
 
 def test_fused_blocks_under_double_backward_and_called_twice(batch) -> None:
@@ -544,13 +547,16 @@ def test_fused_blocks_under_double_backward_and_called_twice(batch) -> None:
         F.cross_entropy(model(x), y).backward()
         frame = probe.collect()
     assert [type(o.grad_fn).__name__ for o in outs] == ["AddReLUBackward"] * 2
-    twin_seen: list[torch.Tensor] = []
-    twin.block.bn2.register_forward_hook(lambda m, a, o: twin_seen.append(o))
-    loss = F.cross_entropy(twin(x), y)
-    first, last = torch.autograd.grad(loss, twin_seen)
-    assert not math.isclose(first.norm().item(), last.norm().item(), rel_tol=1e-3)
-    assert math.isclose(rows(frame, "response_grad_norm")["block.bn2"],
-                        last.double().norm().item(), rel_tol=1e-5)
+    for bn in ("bn1", "bn2"):
+        twin_seen: list[torch.Tensor] = []
+        h = twin.block.get_submodule(bn).register_forward_hook(
+            lambda m, a, o, seen=twin_seen: seen.append(o))
+        loss = F.cross_entropy(twin(x), y)
+        h.remove()
+        first, last = torch.autograd.grad(loss, twin_seen)
+        assert not math.isclose(first.norm().item(), last.norm().item(), rel_tol=1e-3)
+        assert math.isclose(rows(frame, "response_grad_norm")[f"block.{bn}"],
+                            last.double().norm().item(), rel_tol=1e-5), bn
 
 
 def test_response_std_from_running_variances_where_no_invstd_was_saved(batch,

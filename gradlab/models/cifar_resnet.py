@@ -121,13 +121,14 @@ class BasicBlock(nn.Module):
             self.add = ResidualAdd()
         self.relu2 = nn.ReLU()
 
-    # Block hooks (register_block_hook) and their sum_relu callables; class-level empty defaults
-    # until the first one.
+    # Block hooks (register_block_hook) and their (sum_relu, relu1) callables; class-level empty
+    # defaults until the first one.
     _block_hooks: OrderedDict | tuple = ()
-    _sum_relus: OrderedDict | tuple = ()
+    _fused_ops: OrderedDict | tuple = ()
 
     def register_block_hook(self, hook: Callable[..., None], *,
-                            sum_relu: Callable[..., torch.Tensor | None] | None = None
+                            sum_relu: Callable[..., torch.Tensor | None] | None = None,
+                            relu1: Callable[..., torch.Tensor | None] | None = None
                             ) -> RemovableHandle:
         """Call ``hook(block, x, y1, y2, shortcut, total, out)`` after each forward, with the
         block's input, its two BN responses (before the ReLU / the addition), the shortcut and
@@ -136,22 +137,26 @@ class BasicBlock(nn.Module):
         one, for a fraction of their cost: the probe measures gradlab's blocks this way. The
         hook must not modify the tensors; ``handle.remove()`` removes it.
 
-        ``sum_relu(block, y2, shortcut)``, optional: computes ``relu2(add(y2, shortcut))`` in
-        place of those two modules, or returns None to leave it to them. The probe computes the
-        sum and the ReLU in one pass that also measures them. It is used only in a residual
-        block whose ``add`` and ``relu2`` are a stock ResidualAdd and a non-in-place ReLU with no
-        hooks (module or global: nothing else could see the sum), and only while its hook is the
-        block's only one; the hook then gets ``total=None`` (the sum is never stored).
+        Optional replacements for the block's own ops, each returning the op's result or None
+        to leave it to the modules (the probe uses them to measure gradients as they are
+        computed), used only while this hook is the block's only one, and only for stock,
+        hook-free modules (no module or global hooks; ReLUs not in place), since nothing else
+        may see what they skip:
+
+        - ``sum_relu(block, y2, shortcut)`` computes ``relu2(add(y2, shortcut))`` in a residual
+          block; the hook then gets ``total=None`` (the sum is never stored);
+        - ``relu1(block, y1)`` computes ``relu1(y1)``.
         """
         if not isinstance(self._block_hooks, OrderedDict):
             self._block_hooks = OrderedDict()
-        if sum_relu is not None and not isinstance(self._sum_relus, OrderedDict):
-            self._sum_relus = OrderedDict()  # (weakly referenced by the handles, as hooks)
-        extra = self._sum_relus if sum_relu is not None else None
-        handle = RemovableHandle(self._block_hooks, extra_dict=extra)
+        ops = (sum_relu, relu1) if sum_relu is not None or relu1 is not None else None
+        if ops is not None and not isinstance(self._fused_ops, OrderedDict):
+            self._fused_ops = OrderedDict()  # (weakly referenced by the handles, as hooks)
+        handle = RemovableHandle(self._block_hooks,
+                                 extra_dict=self._fused_ops if ops is not None else None)
         self._block_hooks[handle.id] = hook
-        if sum_relu is not None:
-            self._sum_relus[handle.id] = sum_relu
+        if ops is not None:
+            self._fused_ops[handle.id] = ops
         return handle
 
     #: Compute relu2(add(F, s)) in one pass of gradlab's C kernel where it applies (CPU, a
@@ -177,15 +182,22 @@ class BasicBlock(nn.Module):
         # The same ops in the same order, keeping the intermediates for the hooks (the plain
         # forward lets each go as soon as the next op has read it).
         hooks = tuple(self._block_hooks.values())
+        ops = self._fused_ops.get(next(iter(self._block_hooks))) if (
+            len(hooks) == 1 and self._fused_ops) else None
+        if ops is not None and _global_module_hooks():
+            ops = None
         y1 = self.bn1(self.conv1(x))
-        y2 = self.bn2(self.conv2(self.relu1(y1)))
+        r = None
+        if ops is not None and ops[1] is not None and _plain_relu(self.relu1):
+            r = ops[1](self, y1)
+        if r is None:
+            r = self.relu1(y1)
+        y2 = self.bn2(self.conv2(r))
         s = t = out = None
         if self.residual:
             s = self.shortcut(x)
-            sum_relu = self._sum_relus.get(next(iter(self._block_hooks))) if (
-                len(hooks) == 1 and self._sum_relus) else None
-            if sum_relu is not None and self._plain_add_relu():
-                out = sum_relu(self, y2, s)
+            if ops is not None and ops[0] is not None and self._plain_add_relu():
+                out = ops[0](self, y2, s)
             if out is None:
                 out = self.relu2(t := self.add(y2, s))
         else:
@@ -197,13 +209,18 @@ class BasicBlock(nn.Module):
     def _plain_add_relu(self) -> bool:
         """Whether relu2(add(y2, s)) is exactly relu(y2 + s) with nothing else seeing the sum:
         stock modules, the ReLU not in place, no module or global hooks."""
-        add, relu = self.add, self.relu2
-        return (type(add) is ResidualAdd and type(relu) is nn.ReLU and not relu.inplace
+        add = self.add
+        return (type(add) is ResidualAdd and _plain_relu(self.relu2)
                 and not (add._forward_hooks or add._forward_pre_hooks or add._backward_hooks
-                         or add._backward_pre_hooks or relu._forward_hooks
-                         or relu._forward_pre_hooks or relu._backward_hooks
-                         or relu._backward_pre_hooks)
+                         or add._backward_pre_hooks)
                 and not _global_module_hooks())
+
+
+def _plain_relu(relu: nn.Module) -> bool:
+    """A stock, non-in-place nn.ReLU without module hooks."""
+    return (type(relu) is nn.ReLU and not relu.inplace
+            and not (relu._forward_hooks or relu._forward_pre_hooks or relu._backward_hooks
+                     or relu._backward_pre_hooks))
 
 
 def _add_relu():

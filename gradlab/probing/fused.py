@@ -83,8 +83,8 @@ from pathlib import Path
 import torch
 import torch.utils.dlpack
 
-__all__ = ["KERNELS", "OUT_KERNELS", "AddReLU", "Kernels", "SumTable", "add_relu", "kernels",
-           "dense_per_sample"]
+__all__ = ["KERNELS", "OUT_KERNELS", "AddReLU", "Kernels", "ReLU", "SumTable", "add_relu",
+           "kernels", "dense_per_sample"]
 
 #: kernel name -> number of per-sample sums it returns
 KERNELS = {"sq": 1, "pair": 4, "gap": 2, "addrelu": 4}
@@ -597,6 +597,24 @@ kernels = Kernels()
 _threshold_backward = torch.ops.aten.threshold_backward
 
 
+def _relu_grad(ctx, g: torch.Tensor) -> torch.Tensor:
+    """ReLU's gradient for AddReLU and ReLU (ctx holds the output and the record)."""
+    (out,) = ctx.saved_tensors
+    record = ctx.record
+    live = record is not None and record.live
+    gi = None
+    if not torch.is_grad_enabled():  # (create_graph: ATen's op, differentiable)
+        gi = torch.empty_like(g)
+        if not (record.measure(g, out, gi) if live
+                else kernels.write("relugrad_only", g, out, gi)):
+            gi = None
+    if gi is None:
+        gi = _threshold_backward(g, out, 0)
+        if live:
+            record.fallback(gi)
+    return gi
+
+
 class AddReLU(torch.autograd.Function):
     """``relu(f + s)``, precomputed by one kernel pass, with ReLU's gradient by another.
 
@@ -617,21 +635,25 @@ class AddReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        (out,) = ctx.saved_tensors
-        record = ctx.record
-        live = record is not None and record.live
-        gi = None
-        if not torch.is_grad_enabled():  # (create_graph: ATen's op, differentiable)
-            gi = torch.empty_like(g)
-            if not (record.measure(g, out, gi) if live
-                    else kernels.write("relugrad_only", g, out, gi)):
-                gi = None
-        if gi is None:
-            gi = _threshold_backward(g, out, 0)
-            if live:
-                record.fallback(gi)
+        gi = _relu_grad(ctx, g)
         need = ctx.needs_input_grad
         return (gi if need[0] else None), (gi if need[1] else None), None
+
+
+class ReLU(torch.autograd.Function):
+    """``torch.relu(x)`` whose backward measures the gradient reaching x as it computes it:
+    ATen's ReLU forward, and ReLU's gradient by ``record.measure`` (see :class:`AddReLU`)."""
+
+    @staticmethod
+    def forward(ctx, x, record):
+        out = torch.relu(x)
+        ctx.record = record
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _relu_grad(ctx, g), None
 
 
 def add_relu(f: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gradlab.models.cifar_resnet import BasicBlock, ResidualAdd
 from gradlab.probing import metrics as M
-from gradlab.probing.fused import AddReLU, SumTable
+from gradlab.probing.fused import AddReLU, ReLU, SumTable
 from gradlab.probing.fused import kernels as _kernels
 
 __all__ = ["Probe", "PendingFrame"]
@@ -205,8 +205,11 @@ class Probe:
         self._attached = False
         self._handles: list = []
         self._hooks: list[tuple[nn.Module, object]] | None = None  # forward hooks
-        # block hooks, each with its block's fused sum and ReLU (see _sum_relu) or None
-        self._observers: list[tuple[BasicBlock, object, object]] = []
+        # block hooks, each with its block's fused sum and ReLU (see _sum_relu) or None, and its
+        # relu1 (see _relu1)
+        self._observers: list[tuple[BasicBlock, object, object, object]] = []
+        # bn1 responses of this forward whose gradient a _relu1 measures (name -> response)
+        self._relu_measured: dict[str, torch.Tensor] = {}
         self._order_handles: list = []
         # This step's values, keyed (module, metric): eager 0-d tensors in _store; the C kernels'
         # per-sample sums as column indices into _sums (derived all at once in snapshot()).
@@ -348,8 +351,9 @@ class Probe:
             self._handles.append(self.model.register_forward_pre_hook(self._start_hook))
             for mod, hook in self._hooks:
                 self._handles.append(mod.register_forward_hook(hook))
-            for block, hook, sum_relu in self._observers:
-                self._handles.append(block.register_block_hook(hook, sum_relu=sum_relu))
+            for block, hook, sum_relu, relu1 in self._observers:
+                self._handles.append(block.register_block_hook(hook, sum_relu=sum_relu,
+                                                               relu1=relu1))
             # Registered last: runs after every other hook of the model, also when its forward
             # raises (then it only closes the forward).
             self._handles.append(self.model.register_forward_hook(self._end_hook,
@@ -386,7 +390,8 @@ class Probe:
             self._observers.append((
                 block,
                 self._block_observer(name, block, response[bn1], response[bn2], add),
-                self._sum_relu(name, bn2, response[bn2]) if block.residual else None))
+                self._sum_relu(name, bn2, response[bn2]) if block.residual else None,
+                self._relu1(bn1, response[bn1])))
             taken |= {name, bn1, bn2}
         folded = set(self._folded.values())
         self._hooks = ([(m, response[n]) for n, m in self._response_modules
@@ -409,6 +414,7 @@ class Probe:
         self._bn_inv = {}
         self._shortcut_norms.clear()
         self._block_sums.clear()
+        self._relu_measured.clear()
         self._out_sq = None
 
     def detach(self) -> None:
@@ -670,12 +676,14 @@ class Probe:
         records bn2) or, in a plain block, bn2's, then the block's, as forward hooks on each
         would run them."""
         bn1, bn2, add = block.bn1, block.bn2, getattr(block, "add", None)
+        bn1_name = _child(name, "bn1")
         block_hook = self._block_hook(name)
 
         def hook(module, x, y1, y2, s, t, out):
             if not (self._enabled and _grad_enabled()):
                 return
-            bn1_hook(bn1, (), y1)
+            # (its gradient measured by _relu1 as ReLU's gradient is computed, or by a hook)
+            bn1_hook(bn1, (), y1, self._relu_measured.pop(bn1_name, None) is not y1)
             if t is not None and add_hook is not None:
                 add_hook(add, (y2, s), t)
             else:  # a plain block, or the sum measured by _sum_relu (and its gradient there)
@@ -723,6 +731,28 @@ class Probe:
             self._grad_handles[bn2] = record
             return AddReLU.apply(f, s, (out, record))
         return sum_relu
+
+    def _relu1(self, bn1: str, bn1_hook):
+        """A gradlab block's ``relu1`` (see :meth:`BasicBlock.register_block_hook`): on a logged
+        CPU step, ATen's ReLU whose backward measures bn1's gradient as it computes ReLU's
+        (:class:`~gradlab.probing.fused.ReLU`, kernel ``relugrad``: ATen's gradient to the bit,
+        and no pass of its own over the gradient). None (the block calls relu1) elsewhere."""
+        key_grad = (bn1, "response_grad_norm")
+        sums, cols, store = self._sums, self._cols, self._store
+        grad_hook = bn1_hook.grad_hook
+
+        def relu1(block, y1):
+            if (not (self._enabled and _grad_enabled()) or self.fused is False or self._traced
+                    or not y1.is_cpu or not y1.requires_grad or _kernels.run_out is None):
+                return None
+            record = _GradRecord(sums, cols, store, key_grad, grad_hook)
+            earlier = self._grad_handles.pop(bn1, None)
+            if earlier is not None:  # called again since the last snapshot
+                _remove_grad_hook(earlier)
+            self._grad_handles[bn1] = record
+            self._relu_measured[bn1] = y1
+            return ReLU.apply(y1, record)
+        return relu1
 
     def _block_hook(self, name: str):
         key_gap = (name, "identity_gap")
