@@ -378,12 +378,12 @@ class Trainer:
                              zero_init_residual=cfg.zero_init_residual).to(device)
         if self.cl:
             model = model.to(memory_format=torch.channels_last)
-        # On CPU each residual block's sum and ReLU take one pass of gradlab's kernel (the same
-        # values; see BasicBlock.fused_add_relu).
-        self.fused_add_relu = device.type == "cpu" and _kernels.load()
+        # On CPU each block's residual sum and ReLU take one pass of gradlab's kernel, and the
+        # ReLUs' gradients one each (the same values; see BasicBlock.fused_relu).
+        self.fused_relu = device.type == "cpu" and _kernels.load()
         for m in model.modules():
             if isinstance(m, BasicBlock):
-                m.fused_add_relu = self.fused_add_relu
+                m.fused_relu = self.fused_relu
         self.model = model
         # The multi-tensor (foreach) update is the fast path on CPU; fused kernels on CUDA.
         fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -579,8 +579,8 @@ def run_info(cfg: TrainConfig, data: Dataset, model: nn.Module, device: torch.de
                  "image_size": data.image_size},
         "device": str(device), "seed": cfg.seed, "total_steps": steps,
         "fast_path": {"bf16_autocast": amp, "channels_last": cl, "compile": cfg.compile,
-                      "fused_add_relu": any(getattr(m, "fused_add_relu", False)
-                                            for m in model.modules()),
+                      "fused_relu": any(getattr(m, "fused_relu", False)
+                                        for m in model.modules()),
                       "threads": torch.get_num_threads()},
         "versions": versions(), "git_commit": git_commit(), "failure": None,
     }

@@ -366,11 +366,11 @@ def test_shortcut_a_and_pooling_give_atens_values_and_keep_the_input_layout(
 
 @pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True),
                                                    (torch.bfloat16, False)])
-def test_fused_add_relu_gives_atens_outputs_and_gradients(dtype, channels_last) -> None:
-    """BasicBlock.fused_add_relu (set by the training loop on CPU): the residual sum and ReLU in
-    one kernel pass, ReLU's gradient in another; outputs, gradients and second derivatives are
-    those of ATen's add and ReLU to the bit, under no_grad too; blocks whose add or relu2 has a
-    hook, and operands the kernel does not take, use ATen."""
+def test_fused_relu_gives_atens_outputs_and_gradients(dtype, channels_last) -> None:
+    """BasicBlock.fused_relu (set by the training loop on CPU): the residual sum and ReLU in
+    one kernel pass, each ReLU's gradient in another; outputs, gradients and second derivatives
+    are those of ATen's add and ReLU to the bit, under no_grad too; blocks whose add or relu2
+    has a hook, and operands the kernel does not take, use ATen."""
     torch.manual_seed(0)
     model = create_model("resnet20").train()
     x = torch.randn(4, 3, 8, 8)
@@ -380,7 +380,10 @@ def test_fused_add_relu_gives_atens_outputs_and_gradients(dtype, channels_last) 
     fused = copy.deepcopy(model)
     blocks = [m for m in fused.modules() if isinstance(m, BasicBlock)]
     for b in blocks:
-        b.fused_add_relu = True
+        b.fused_relu = True
+    relus: list = []
+    for b in blocks:
+        b.conv2.register_forward_pre_hook(lambda m, a: relus.append(a[0]))
     outs: list = []
     for b in blocks:
         b.register_forward_hook(lambda m, a, o: outs.append(o))
@@ -394,6 +397,7 @@ def test_fused_add_relu_gives_atens_outputs_and_gradients(dtype, channels_last) 
 
     want, got = grads(model), grads(fused)
     assert [type(o.grad_fn).__name__ for o in outs] == ["AddReLUBackward"] * 9
+    assert [type(r.grad_fn).__name__ for r in relus] == ["ReLUBackward"] * 9
     assert torch.equal(want[0], got[0])
     for a, b in zip(want[1] + want[2], got[1] + got[2], strict=True):
         assert torch.equal(a, b)

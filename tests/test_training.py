@@ -110,8 +110,8 @@ def test_run_json(base) -> None:
     assert info["versions"]["torch"] == torch.__version__
     assert {"gradlab", "python"} <= set(info["versions"])
     assert info["seed"] == 0 and info["total_steps"] == 8 and info["device"] == "cpu"
-    # (the kernels build here: the residual sum and ReLU take their pass on CPU)
-    assert info["fast_path"]["fused_add_relu"] is True
+    # (the kernels build here: the residual sum and the ReLUs take their passes on CPU)
+    assert info["fast_path"]["fused_relu"] is True
     assert info["final"]["test_loss"] == pytest.approx(base.final["test_loss"])
     assert load_run(base.run_dir).config == BASE.to_dict()
 

@@ -159,20 +159,25 @@ class BasicBlock(nn.Module):
             self._fused_ops[handle.id] = ops
         return handle
 
-    #: Compute relu2(add(F, s)) in one pass of gradlab's C kernel where it applies (CPU, a
-    #: stock hook-free add and ReLU, not traced): ATen's values and gradients to the bit, and
-    #: faster than its add and ReLU (two passes, the sum stored). Set by gradlab's training loop
-    #: on CPU; off by default, so a model built by hand computes with ATen alone.
-    fused_add_relu: bool = False
+    #: Compute relu2(add(F, s)) in one pass of gradlab's C kernel, and both ReLUs' gradients in
+    #: one pass each, where it applies (CPU, stock hook-free modules, not traced): ATen's values
+    #: and gradients to the bit, and faster than ATen's add and ReLU (two passes, the sum
+    #: stored) and threshold_backward. Set by gradlab's training loop on CPU; off by default, so
+    #: a model built by hand computes with ATen alone.
+    fused_relu: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._block_hooks:
             return self._forward_hooked(x)
-        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        y1 = self.bn1(self.conv1(x))
+        r = None
+        if self.fused_relu and _plain_relu(self.relu1) and not _global_module_hooks():
+            r = _fused().relu(y1)
+        out = self.bn2(self.conv2(self.relu1(y1) if r is None else r))
         if self.residual:
             s = self.shortcut(x)
-            if self.fused_add_relu and self._plain_add_relu():
-                fused = _add_relu()(out, s)
+            if self.fused_relu and self._plain_add_relu():
+                fused = _fused().add_relu(out, s)
                 if fused is not None:
                     return fused
             out = self.add(out, s)
@@ -223,12 +228,11 @@ def _plain_relu(relu: nn.Module) -> bool:
                      or relu._backward_pre_hooks))
 
 
-def _add_relu():
-    """gradlab.probing.fused.add_relu (imported on first use: the probing package imports this
-    module)."""
-    from gradlab.probing.fused import add_relu
+def _fused():
+    """gradlab.probing.fused (imported on first use: the probing package imports this module)."""
+    from gradlab.probing import fused
 
-    return add_relu
+    return fused
 
 
 def _global_module_hooks() -> bool:

@@ -84,7 +84,7 @@ import torch
 import torch.utils.dlpack
 
 __all__ = ["KERNELS", "OUT_KERNELS", "AddReLU", "Kernels", "ReLU", "SumTable", "add_relu",
-           "kernels", "dense_per_sample"]
+           "kernels", "relu", "dense_per_sample"]
 
 #: kernel name -> number of per-sample sums it returns
 KERNELS = {"sq": 1, "pair": 4, "gap": 2, "addrelu": 4}
@@ -641,8 +641,9 @@ class AddReLU(torch.autograd.Function):
 
 
 class ReLU(torch.autograd.Function):
-    """``torch.relu(x)`` whose backward measures the gradient reaching x as it computes it:
-    ATen's ReLU forward, and ReLU's gradient by ``record.measure`` (see :class:`AddReLU`)."""
+    """``torch.relu(x)`` (ATen's forward) whose backward computes ReLU's gradient in one kernel
+    pass, ``relugrad_only``, or where ``record`` (a probe's; None otherwise) is live measures
+    the gradient reaching x as it computes it (see :class:`AddReLU`)."""
 
     @staticmethod
     def forward(ctx, x, record):
@@ -654,6 +655,17 @@ class ReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return _relu_grad(ctx, g), None
+
+
+def relu(x: torch.Tensor) -> torch.Tensor | None:
+    """``torch.relu(x)`` whose gradient is computed by ``relugrad_only`` (:class:`ReLU`, one
+    pass, ATen's values), or None where that does not apply (no gradient wanted, not CPU,
+    traced by ``torch.compile``, no extension)."""
+    if not (x.is_cpu and x.requires_grad and torch.is_grad_enabled()) or _compiling():
+        return None
+    if kernels.run_out is None and not (kernels.load() and kernels.run_out is not None):
+        return None
+    return ReLU.apply(x, None)
 
 
 def add_relu(f: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
