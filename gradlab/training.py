@@ -380,7 +380,10 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         # On CPU each block's residual sum and ReLU take one pass of gradlab's kernel, and the
         # ReLUs' gradients one each (the same values; see BasicBlock.fused_relu).
-        self.fused_relu = device.type == "cpu" and _kernels.load()
+        # (the kernels that write tensors come with the extension module; a compiled graph
+        # traces ATen's ops instead)
+        self.fused_relu = (device.type == "cpu" and not cfg.compile and _kernels.load()
+                           and _kernels.run_out is not None)
         for m in model.modules():
             if isinstance(m, BasicBlock):
                 m.fused_relu = self.fused_relu

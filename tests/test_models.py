@@ -277,8 +277,10 @@ def test_a_block_hooks_replacements_are_used_only_where_nothing_else_sees_them()
     used, total = run()
     assert not used and torch.equal(total, seen[0][3] + seen[0][4])
     other.remove()
-    for mod in (block.add, block.relu2):
+    for mod in (block.add, block.relu2, block.bn2):  # (a hook on bn2 could pass y2 on)
         for register in (mod.register_forward_hook, mod.register_forward_pre_hook):
+            if mod is block.bn2 and register == mod.register_forward_pre_hook:
+                continue  # (sees only bn2's input)
             h = register(lambda *a: None)
             assert not run()[0]
             h.remove()
@@ -305,9 +307,10 @@ def test_a_block_hooks_replacements_are_used_only_where_nothing_else_sees_them()
 
     handle = block.register_block_hook(lambda *a: seen.append(a), relu1=relu1)
     assert run() == (False, seen[0][5]) and len(relus) == 1 and seen[0][5] is not None
-    for blocked in ("hook", "inplace"):
+    for blocked in ("hook", "inplace", "bn1 hook"):
         relus.clear()
-        h = block.relu1.register_forward_hook(lambda *a: None) if blocked == "hook" else None
+        h = {"hook": block.relu1, "bn1 hook": block.bn1}.get(blocked)
+        h = h.register_forward_hook(lambda *a: None) if h is not None else None
         block.relu1.inplace = blocked == "inplace"
         run()
         assert relus == [], blocked
@@ -362,6 +365,17 @@ def test_shortcut_a_and_pooling_give_atens_values_and_keep_the_input_layout(
     for module in (ShortcutA(3, 6, 2), GlobalAvgPool()):
         assert torch.autograd.gradcheck(module, (x,))
         assert torch.autograd.gradgradcheck(module, (x,))
+    # Inputs that are not dense (expanded, sliced): ATen's gradient, NCHW as ATen's.
+    base = torch.randn(2, 3, 1, 5)
+    for inp in (base.expand(2, 3, 5, 5), torch.randn(2, 3, 5, 10)[..., ::2]):
+        for module, aten in ((ShortcutA(3, 6, 2), lambda t: F.pad(t[:, :, ::2, ::2],
+                                                                  (0, 0, 0, 0, 0, 3))),
+                             (GlobalAvgPool(), lambda t: torch.flatten(
+                                 F.adaptive_avg_pool2d(t, 1), 1))):
+            ours, ref = inp.detach().requires_grad_(), inp.detach().requires_grad_()
+            module(ours).pow(2).sum().backward()
+            aten(ref).pow(2).sum().backward()
+            assert torch.equal(ours.grad, ref.grad) and ours.grad.is_contiguous()
 
 
 @pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True),

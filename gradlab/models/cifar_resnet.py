@@ -43,18 +43,26 @@ class ResidualAdd(nn.Module):
 # op after it takes ATen's slow path for mixed layouts: on this project's CPU, resnet56 at batch
 # 128 lost 5-20 ms a step to the three such blocks. These give the input's own layout back (the
 # same values: a copy of the gradient, and its share of the pooled one).
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last-contiguous (and not NCHW-contiguous) x, else NCHW:
+    the layout of x's gradient."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class _SubsamplePad(torch.autograd.Function):
     """``pad(x[:, :, ::stride, ::stride])`` with `extra` zero channels after x's."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, stride: int, extra: int) -> torch.Tensor:
-        ctx.geometry = (x.shape, x.stride(), x.dtype, stride)
+        ctx.geometry = (x.shape, _layout(x), x.dtype, stride)
         return F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, extra))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        shape, strides, dtype, stride = ctx.geometry
-        gx = torch.empty_strided(shape, strides, dtype=dtype, device=g.device).zero_()
+        shape, layout, dtype, stride = ctx.geometry
+        gx = torch.empty(shape, dtype=dtype, device=g.device, memory_format=layout).zero_()
         gx[:, :, ::stride, ::stride] = g[:, : shape[1]]
         return gx, None, None
 
@@ -64,13 +72,13 @@ class _GlobalAvgPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.geometry = (x.shape, x.stride(), x.dtype)
+        ctx.geometry = (x.shape, _layout(x), x.dtype)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        shape, strides, dtype = ctx.geometry
-        gx = torch.empty_strided(shape, strides, dtype=dtype, device=g.device)
+        shape, layout, dtype = ctx.geometry
+        gx = torch.empty(shape, dtype=dtype, device=g.device, memory_format=layout)
         gx.copy_((g / (shape[2] * shape[3]))[:, :, None, None].expand(shape))
         return gx
 
@@ -140,8 +148,9 @@ class BasicBlock(nn.Module):
         Optional replacements for the block's own ops, each returning the op's result or None
         to leave it to the modules (the probe uses them to measure gradients as they are
         computed), used only while this hook is the block's only one, and only for stock,
-        hook-free modules (no module or global hooks; ReLUs not in place), since nothing else
-        may see what they skip:
+        hook-free modules (no module or global hooks on the op's modules, none that sees the
+        output of the BatchNorm before it; ReLUs not in place), since nothing else may see what
+        they skip or use the response they take:
 
         - ``sum_relu(block, y2, shortcut)`` computes ``relu2(add(y2, shortcut))`` in a residual
           block; the hook then gets ``total=None`` (the sum is never stored);
@@ -193,7 +202,8 @@ class BasicBlock(nn.Module):
             ops = None
         y1 = self.bn1(self.conv1(x))
         r = None
-        if ops is not None and ops[1] is not None and _plain_relu(self.relu1):
+        if ops is not None and ops[1] is not None and _plain_relu(self.relu1) and _sees_no_output(
+                self.bn1):  # (a hook on bn1 could hand y1 to something else too)
             r = ops[1](self, y1)
         if r is None:
             r = self.relu1(y1)
@@ -201,7 +211,8 @@ class BasicBlock(nn.Module):
         s = t = out = None
         if self.residual:
             s = self.shortcut(x)
-            if ops is not None and ops[0] is not None and self._plain_add_relu():
+            if ops is not None and ops[0] is not None and self._plain_add_relu() and (
+                    _sees_no_output(self.bn2)):
                 out = ops[0](self, y2, s)
             if out is None:
                 out = self.relu2(t := self.add(y2, s))
@@ -214,18 +225,24 @@ class BasicBlock(nn.Module):
     def _plain_add_relu(self) -> bool:
         """Whether relu2(add(y2, s)) is exactly relu(y2 + s) with nothing else seeing the sum:
         stock modules, the ReLU not in place, no module or global hooks."""
-        add = self.add
-        return (type(add) is ResidualAdd and _plain_relu(self.relu2)
-                and not (add._forward_hooks or add._forward_pre_hooks or add._backward_hooks
-                         or add._backward_pre_hooks)
-                and not _global_module_hooks())
+        return (type(self.add) is ResidualAdd and _hook_free(self.add)
+                and _plain_relu(self.relu2) and not _global_module_hooks())
+
+
+def _hook_free(module: nn.Module) -> bool:
+    """No forward, forward-pre or backward hooks of the module's own."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _sees_no_output(module: nn.Module) -> bool:
+    """No hook of the module's own that sees its output (forward-pre hooks see only inputs)."""
+    return not (module._forward_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
 def _plain_relu(relu: nn.Module) -> bool:
     """A stock, non-in-place nn.ReLU without module hooks."""
-    return (type(relu) is nn.ReLU and not relu.inplace
-            and not (relu._forward_hooks or relu._forward_pre_hooks or relu._backward_hooks
-                     or relu._backward_pre_hooks))
+    return type(relu) is nn.ReLU and not relu.inplace and _hook_free(relu)
 
 
 def _fused():

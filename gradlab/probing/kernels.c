@@ -86,8 +86,9 @@ static inline void vstore2(void *p, int64_t k, int bf, vf x0, vf x1) {
     }
 }
 
-/* float -> bf16 as ATen's CPU kernels round (to nearest even; every NaN becomes 0xffff), kept as
- * the float it stands for (low half zero). For float32 tensors, x itself. */
+/* float -> bf16 as ATen's vectorized CPU kernels round (to nearest even; every NaN becomes
+ * 0xffff, where ATen's scalar loops keep other NaN bits: NaN payloads may differ, no value
+ * does), kept as the float it stands for (low half zero). For float32 tensors, x itself. */
 static inline vf vround(int bf, vf x) {
     if (!bf) return x;
     vu u = (vu)x;
@@ -316,7 +317,7 @@ sample(int kind, int bf, const void *a, const void *b, void *dst, int64_t o, int
         (void)threads; /* used by OpenMP builds only */                                       \
         SAMPLES_PARALLEL                                                                      \
         for (int64_t i = 0; i < n; i++)                                                       \
-            sample(KIND, BF, a, b, dst, i * per, per, out + i * ld);                          \
+            sample(KIND, BF, a, b, dst, i * per, per, out ? out + i * ld : 0);                \
     }
 #define EXPORT_OUT(NAME, KIND) \
     EXPORT_OUT_ONE(NAME, KIND, f32, 0) EXPORT_OUT_ONE(NAME, KIND, bf16, 1)

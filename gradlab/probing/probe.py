@@ -126,10 +126,11 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 
 class _GradRecord:
-    """Where :class:`~gradlab.probing.fused.AddReLU`'s backward records the gradient of the
-    sum (= that of the block's bn2 response) while it is the response's latest call: a gradient
-    hook of the probe in all but name, removed (by the probe, as a handle) when the response is
-    called again."""
+    """Where the backward of :class:`~gradlab.probing.fused.AddReLU` (or of
+    :class:`~gradlab.probing.fused.ReLU`) records ReLU's gradient, which is that reaching the
+    block's bn2 (or bn1) response, while it is the response's latest call: a gradient hook of the
+    probe in all but name, removed (by the probe, as a handle) when the response is called
+    again."""
 
     __slots__ = ("sums", "cols", "store", "key", "fallback", "live")
 
@@ -173,7 +174,9 @@ class Probe:
     one call), not by forward hooks on bn1, bn2, the add and the block, so a block's bn1 or bn2
     called on its own, outside the block, is not measured (a block with an in-place ReLU gets
     the forward hooks). ``response_grad_norm`` is the gradient that reaches the response before
-    any hook a user registers on that tensor after the probe's forward hook ran.
+    any hook a user registers on that tensor after the probe's forward hook ran; in gradlab's
+    blocks on CPU the gradients reaching bn1 and bn2 are measured inside the backward of the
+    ReLU that computes them, in the same kernel pass (see :meth:`_sum_relu`, :meth:`_relu1`).
 
     Between two snapshots each module's values are those of its latest call: a module called
     twice in a forward reports its last call (both its response and the gradient reaching it),
@@ -705,7 +708,7 @@ class Probe:
 
         def sum_relu(block, f, s):
             if (not (self._enabled and _grad_enabled()) or self.fused is False or self._traced
-                    or not f.is_cpu):
+                    or not f.is_cpu or f._backward_hooks):
                 return None
             if _kernels.run_out is None:  # (not loaded yet, or no extension module)
                 _kernels.load()
@@ -743,8 +746,12 @@ class Probe:
 
         def relu1(block, y1):
             if (not (self._enabled and _grad_enabled()) or self.fused is False or self._traced
-                    or not y1.is_cpu or not y1.requires_grad or _kernels.run_out is None):
+                    or not y1.is_cpu or not y1.requires_grad or y1._backward_hooks):
                 return None
+            if _kernels.run_out is None:  # (not loaded yet, or no extension module)
+                _kernels.load()
+                if _kernels.run_out is None:
+                    return None
             record = _GradRecord(sums, cols, store, key_grad, grad_hook)
             earlier = self._grad_handles.pop(bn1, None)
             if earlier is not None:  # called again since the last snapshot
