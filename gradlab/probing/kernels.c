@@ -483,6 +483,26 @@ static long long run_capsules(long long kind, PyObject *ca, PyObject *cb, PyObje
     return col;
 }
 
+/* The entries' shared body: args are (kind, a, b, [dst,] table, rows, capacity, col, threads),
+ * dst present when `writes`; kinds outside the entry's range give -1. Each integer conversion is
+ * checked before the next: none may run with an exception set. */
+static PyObject *run_entry(PyObject *const *args, Py_ssize_t nargs, int writes) {
+    const Py_ssize_t want = writes ? 9 : 8;
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", writes ? "run_out" : "run",
+                     want);
+        return NULL;
+    }
+    long long v[6]; /* kind, table, rows, capacity, col, threads */
+    for (int i = 0; i < 6; i++) {
+        v[i] = PyLong_AsLongLong(args[i == 0 ? 0 : i + 2 + writes]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    if (writes ? v[0] < ADDRELU_OUT : v[0] > ADDRELU) v[0] = -1;
+    return PyLong_FromLongLong(run_capsules(v[0], args[1], args[2], writes ? args[3] : NULL,
+                                            (double *)(intptr_t)v[1], v[2], v[3], v[4], v[5]));
+}
+
 /* run(kind, a, b, table, rows, capacity, col, threads) -> col, or -1 with nothing written.
  *
  * kind: index into KERNELS; a, b: DLPack capsules (b None for sq); table: address of a
@@ -491,20 +511,7 @@ static long long run_capsules(long long kind, PyObject *ca, PyObject *cb, PyObje
  * consumed (their tensors stay owned by them). */
 static PyObject *gl_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "run() takes 8 arguments");
-        return NULL;
-    }
-    /* Each conversion is checked before the next: none may run with an exception set. */
-    long long v[6];
-    static const int at[6] = {0, 3, 4, 5, 6, 7}; /* kind, table, rows, capacity, col, threads */
-    for (int i = 0; i < 6; i++) {
-        v[i] = PyLong_AsLongLong(args[at[i]]);
-        if (v[i] == -1 && PyErr_Occurred()) return NULL;
-    }
-    if (v[0] > ADDRELU) v[0] = -1; /* (the kernels that write a tensor: run_out) */
-    return PyLong_FromLongLong(run_capsules(v[0], args[1], args[2], NULL,
-                                            (double *)(intptr_t)v[1], v[2], v[3], v[4], v[5]));
+    return run_entry(args, nargs, 0);
 }
 
 /* run_out(kind, a, b, dst, table, rows, capacity, col, threads) -> col, or -1 with nothing
@@ -513,19 +520,7 @@ static PyObject *gl_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * sums). */
 static PyObject *gl_run_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "run_out() takes 9 arguments");
-        return NULL;
-    }
-    long long v[6];
-    static const int at[6] = {0, 4, 5, 6, 7, 8}; /* kind, table, rows, capacity, col, threads */
-    for (int i = 0; i < 6; i++) {
-        v[i] = PyLong_AsLongLong(args[at[i]]);
-        if (v[i] == -1 && PyErr_Occurred()) return NULL;
-    }
-    if (v[0] < ADDRELU_OUT) v[0] = -1;
-    return PyLong_FromLongLong(run_capsules(v[0], args[1], args[2], args[3],
-                                            (double *)(intptr_t)v[1], v[2], v[3], v[4], v[5]));
+    return run_entry(args, nargs, 1);
 }
 
 /* What grad_sq needs from Python, set once by configure(): torch's DLPack export and its
