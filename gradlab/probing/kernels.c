@@ -184,11 +184,11 @@ static inline void sterms(int kind, double a, double b, double *s) {
  * addrelu's sums with f = a, t = a + b; RELUGRAD writes dst = threshold_backward(a, b, 0) and
  * takes its ||dst||^2; the _ONLY kinds write the same and take no sums. The values written are
  * ATen's to the bit (checked by the tests). */
-static inline int writes_sum(int kind) { return kind == ADDRELU_OUT || kind == ADDRELU_ONLY; }
+static inline int adds(int kind) { return kind == ADDRELU_OUT || kind == ADDRELU_ONLY; }
 
 static inline void vwrite(int kind, int bf, vf a0, vf a1, vf b0, vf b1, void *dst, int64_t k,
                           vf *acc0, vf *acc1) {
-    if (writes_sum(kind)) {
+    if (adds(kind)) {
         vf t0 = vround(bf, a0 + b0), t1 = vround(bf, a1 + b1);
         vstore2(dst, k, bf, vrelu(t0), vrelu(t1));
         if (kind == ADDRELU_OUT) {
@@ -206,7 +206,7 @@ static inline void vwrite(int kind, int bf, vf a0, vf a1, vf b0, vf b1, void *ds
 }
 
 static inline void swrite(int kind, int bf, float a, float b, void *dst, int64_t k, double *s) {
-    if (writes_sum(kind)) {
+    if (adds(kind)) {
         float t = sround(bf, a + b);
         sstore(dst, k, bf, t < 0 ? 0.0f : t);
         if (kind == ADDRELU_OUT) sterms(ADDRELU, a, t, s);
