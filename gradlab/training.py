@@ -382,8 +382,7 @@ class Trainer:
         # ReLUs' gradients one each (the same values; see BasicBlock.fused_relu).
         # (the kernels that write tensors come with the extension module; a compiled graph
         # traces ATen's ops instead)
-        self.fused_relu = (device.type == "cpu" and not cfg.compile and _kernels.load()
-                           and _kernels.run_out is not None)
+        self.fused_relu = device.type == "cpu" and not cfg.compile and _kernels.writes()
         for m in model.modules():
             if isinstance(m, BasicBlock):
                 m.fused_relu = self.fused_relu

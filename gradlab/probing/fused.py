@@ -356,6 +356,11 @@ class Kernels:
         fn(ptrs, sizes, count, out.data_ptr(), torch.get_num_threads())
         return out
 
+    def writes(self) -> bool:
+        """Whether the kernels that write tensors are there (built, with the extension module
+        that alone reaches them); loads the library on first use."""
+        return self.run_out is not None or (self.load() and self.run_out is not None)
+
     def write(self, name: str, a: torch.Tensor, b: torch.Tensor, dst: torch.Tensor) -> bool:
         """Kernel ``addrelu_only`` (dst = relu(a + b)) or ``relugrad_only`` (dst =
         threshold_backward(a, b, 0)): ATen's values, one pass, no sums. False with nothing
@@ -663,18 +668,14 @@ def relu(x: torch.Tensor) -> torch.Tensor | None:
     traced by ``torch.compile``, no extension)."""
     if not (x.is_cpu and x.requires_grad and torch.is_grad_enabled()) or _compiling():
         return None
-    if kernels.run_out is None and not (kernels.load() and kernels.run_out is not None):
-        return None
-    return ReLU.apply(x, None)
+    return ReLU.apply(x, None) if kernels.writes() else None
 
 
 def add_relu(f: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
     """``relu(f + s)`` in one kernel pass (ATen's add and ReLU are two, and the sum is stored),
     differentiable (:class:`AddReLU`); None where the kernels do not apply: not CPU, operands
     of different dtypes or layouts, not dense, traced by ``torch.compile``, no extension."""
-    if not f.is_cpu or _compiling():
-        return None
-    if kernels.run_out is None and not (kernels.load() and kernels.run_out is not None):
+    if not f.is_cpu or _compiling() or not kernels.writes():
         return None
     out = torch.empty_like(f)
     if not kernels.write("addrelu_only", f, s, out):

@@ -596,6 +596,7 @@ class Probe:
                 earlier = handles.pop(name, None)
                 if earlier is not None:  # called again since the last snapshot
                     _remove_grad_hook(earlier)
+                # (= _grad_record's replacement of the earlier hook, inlined: 56 calls a step)
                 if self._traced:  # Dynamo traces Tensor.register_hook (and a Python hook)
                     handles[name] = out.register_hook(grad_hook)
                     return None
@@ -707,13 +708,8 @@ class Probe:
         grad_hook = bn2_hook.grad_hook
 
         def sum_relu(block, f, s):
-            if (not (self._enabled and _grad_enabled()) or self.fused is False or self._traced
-                    or not f.is_cpu or f._backward_hooks):
+            if not self._measures_in_pass(f):
                 return None
-            if _kernels.run_out is None:  # (not loaded yet, or no extension module)
-                _kernels.load()
-                if _kernels.run_out is None:
-                    return None
             ss = self._known_sq(s)  # ||s||^2, as in the add hook
             if ss is None:
                 ss = self._run_sq(s)
@@ -727,12 +723,7 @@ class Probe:
             if store:
                 store.pop(key_res, None)
             self._block_sums[name] = (s, col + 3, ss, col + 2)
-            record = _GradRecord(sums, cols, store, key_grad, grad_hook)
-            earlier = self._grad_handles.pop(bn2, None)
-            if earlier is not None:  # called again since the last snapshot
-                _remove_grad_hook(earlier)
-            self._grad_handles[bn2] = record
-            return AddReLU.apply(f, s, (out, record))
+            return AddReLU.apply(f, s, (out, self._grad_record(bn2, key_grad, grad_hook)))
         return sum_relu
 
     def _relu1(self, bn1: str, bn1_hook):
@@ -741,25 +732,32 @@ class Probe:
         (:class:`~gradlab.probing.fused.ReLU`, kernel ``relugrad``: ATen's gradient to the bit,
         and no pass of its own over the gradient). None (the block calls relu1) elsewhere."""
         key_grad = (bn1, "response_grad_norm")
-        sums, cols, store = self._sums, self._cols, self._store
         grad_hook = bn1_hook.grad_hook
 
         def relu1(block, y1):
-            if (not (self._enabled and _grad_enabled()) or self.fused is False or self._traced
-                    or not y1.is_cpu or not y1.requires_grad or y1._backward_hooks):
+            if not (y1.requires_grad and self._measures_in_pass(y1)):
                 return None
-            if _kernels.run_out is None:  # (not loaded yet, or no extension module)
-                _kernels.load()
-                if _kernels.run_out is None:
-                    return None
-            record = _GradRecord(sums, cols, store, key_grad, grad_hook)
-            earlier = self._grad_handles.pop(bn1, None)
-            if earlier is not None:  # called again since the last snapshot
-                _remove_grad_hook(earlier)
-            self._grad_handles[bn1] = record
             self._relu_measured[bn1] = y1
-            return ReLU.apply(y1, record)
+            return ReLU.apply(y1, self._grad_record(bn1, key_grad, grad_hook))
         return relu1
+
+    def _measures_in_pass(self, t: torch.Tensor) -> bool:
+        """Whether a block's ReLU pass (see _sum_relu, _relu1) can measure response t and its
+        gradient now: a recorded CPU forward, not traced, kernels allowed and with the writing
+        ones built, and no tensor hook on t that would see its gradient before the probe."""
+        return (self._enabled and _grad_enabled() and self.fused is not False
+                and not self._traced and t.is_cpu and not t._backward_hooks
+                and _kernels.writes())
+
+    def _grad_record(self, name: str, key: tuple, grad_hook) -> _GradRecord:
+        """Where the gradient of response ``name``'s call is recorded (a ReLU pass's backward),
+        replacing the hook or record of an earlier call since the last snapshot."""
+        record = _GradRecord(self._sums, self._cols, self._store, key, grad_hook)
+        earlier = self._grad_handles.pop(name, None)
+        if earlier is not None:  # called again since the last snapshot
+            _remove_grad_hook(earlier)
+        self._grad_handles[name] = record
+        return record
 
     def _block_hook(self, name: str):
         key_gap = (name, "identity_gap")
